@@ -1,0 +1,188 @@
+"""Chunked LM-head cross-entropy: per-token NLL without materialising the [N, V] logits.
+
+Definition (the `_ref` below is the oracle):
+    z      = (h @ W^T + b) * scale
+    logits = softcap * tanh(z / softcap)          (only when softcap > 0: Gemma-2/3)
+    nll_n  = logsumexp(logits_n) - logits_n[t_n]   (0 where t_n == ignore_index)
+The op processes rows in chunks of `chunk_rows` (auto: about 64 MB of float32 logits per chunk),
+keeps only the per-row log-sum-exp for backward and recomputes each chunk's logits there, so peak
+memory is one chunk, not N x V. Differentiable w.r.t. `h` (and `W`/`b` when they require grad).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend
+
+_CHUNK_ELEMS = 1 << 24  # float32 logits per chunk: 64 MB
+
+
+def lm_head_nll_ref(
+    h: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    scale: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """float64 reference over full logits: per-row NLL [N] (0 for ignored rows)."""
+    z = h.to(torch.float64) @ weight.to(torch.float64).T
+    if bias is not None:
+        z = z + bias.to(torch.float64)
+    z = z * scale
+    if softcap and softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+    nll = torch.logsumexp(z, -1) - z.gather(-1, safe_t[:, None])[:, 0]
+    return torch.where(valid, nll, torch.zeros_like(nll))
+
+
+def chunk_rows_for(n: int, v: int, chunk_rows: int = 0) -> int:
+    if chunk_rows and chunk_rows > 0:
+        return max(1, min(n, chunk_rows))
+    return max(1, min(n, _CHUNK_ELEMS // max(v, 1)))
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: float, scale: float):
+    """float32 logits of a row chunk, plus the softcap's tanh (for backward) when used."""
+    z = torch.nn.functional.linear(h, weight, bias).float()
+    if scale != 1.0:
+        z = z * scale
+    if softcap > 0:
+        t = torch.tanh(z / softcap)
+        return t * softcap, t
+    return z, None
+
+
+def _nll_fwd_torch(h, weight, bias, targets, softcap, scale, ignore_index, chunk_rows):
+    n, v = h.shape[0], weight.shape[0]
+    rows = chunk_rows_for(n, v, chunk_rows)
+    nll = torch.empty(n, dtype=torch.float32, device=h.device)
+    lse = torch.empty(n, dtype=torch.float32, device=h.device)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        logits, _ = _chunk_logits(h[s:e], weight, bias, softcap, scale)
+        t = targets[s:e]
+        valid = t != ignore_index
+        safe_t = torch.where(valid, t, torch.zeros_like(t))
+        chunk_lse = torch.logsumexp(logits, -1)
+        tgt = logits.gather(-1, safe_t[:, None])[:, 0]
+        lse[s:e] = chunk_lse
+        nll[s:e] = torch.where(valid, chunk_lse - tgt, torch.zeros_like(tgt))
+    return nll, lse
+
+
+def _nll_bwd_torch(grad_nll, h, weight, bias, targets, lse, softcap, scale, ignore_index, chunk_rows,
+                   need_h, need_w, need_b):
+    n, v = h.shape[0], weight.shape[0]
+    rows = chunk_rows_for(n, v, chunk_rows)
+    gh = torch.empty_like(h) if need_h else None
+    gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    gb = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        logits, t = _chunk_logits(h[s:e], weight, bias, softcap, scale)
+        tg = targets[s:e]
+        valid = tg != ignore_index
+        go = torch.where(valid, grad_nll[s:e].float(), torch.zeros_like(lse[s:e]))
+        d = torch.exp(logits - lse[s:e, None])  # softmax
+        d.scatter_add_(-1, torch.where(valid, tg, torch.zeros_like(tg))[:, None], -valid.float()[:, None])
+        d.mul_(go[:, None])
+        if t is not None:
+            d.mul_(1.0 - t * t)
+        if scale != 1.0:
+            d.mul_(scale)
+        if need_h:
+            gh[s:e] = (d.to(weight.dtype) @ weight).to(h.dtype) if weight.dtype != torch.float32 else (d @ weight.float()).to(h.dtype)
+        if need_w:
+            gw.addmm_(d.T, h[s:e].float())
+        if need_b:
+            gb.add_(d.sum(0))
+    return gh, (None if gw is None else gw.to(weight.dtype)), (None if gb is None else gb.to(bias.dtype))
+
+
+def _fwd_ref_backend(h, weight, bias, targets, softcap, scale, ignore_index, chunk_rows):
+    return _nll_fwd_torch(h, weight, bias, targets, softcap, scale, ignore_index, chunk_rows)
+
+
+_backend.register_ref("lm_head_nll_fwd", _fwd_ref_backend)
+
+
+@torch.library.custom_op("shortllm::lm_head_nll_fwd", mutates_args=())
+def _lm_head_nll_fwd(
+    h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+    softcap: float, scale: float, ignore_index: int, chunk_rows: int,
+) -> tuple[Tensor, Tensor]:
+    _, impl = _backend.select("lm_head_nll_fwd", h.device)
+    return impl(h, weight, bias, targets, softcap, scale, ignore_index, chunk_rows)
+
+
+@_lm_head_nll_fwd.register_fake
+def _(h, weight, bias, targets, softcap, scale, ignore_index, chunk_rows):
+    n = h.shape[0]
+    return h.new_empty(n, dtype=torch.float32), h.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("shortllm::lm_head_nll_bwd", mutates_args=())
+def _lm_head_nll_bwd(
+    grad_nll: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
+    softcap: float, scale: float, ignore_index: int, chunk_rows: int, need_w: bool, need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    gh, gw, gb = _nll_bwd_torch(grad_nll, h, weight, bias, targets, lse, softcap, scale, ignore_index,
+                                chunk_rows, True, need_w, need_b)
+    # custom ops cannot return None: empty tensors stand for "no gradient"
+    return gh, (gw if gw is not None else h.new_empty(0)), (gb if gb is not None else h.new_empty(0))
+
+
+@_lm_head_nll_bwd.register_fake
+def _(grad_nll, h, weight, bias, targets, lse, softcap, scale, ignore_index, chunk_rows, need_w, need_b):
+    return (torch.empty_like(h), torch.empty_like(weight) if need_w else h.new_empty(0),
+            (torch.empty_like(bias) if (need_b and bias is not None) else h.new_empty(0)))
+
+
+def _setup_context(ctx, inputs, output):
+    h, weight, bias, targets, softcap, scale, ignore_index, chunk_rows = inputs
+    ctx.save_for_backward(h, weight, bias, targets, output[1])
+    ctx.args = (softcap, scale, ignore_index, chunk_rows)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_nll, _grad_lse):
+    h, weight, bias, targets, lse = ctx.saved_tensors
+    softcap, scale, ignore_index, chunk_rows = ctx.args
+    need_w = ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    gh, gw, gb = _lm_head_nll_bwd(grad_nll.contiguous(), h, weight, bias, targets, lse, softcap, scale,
+                                  ignore_index, chunk_rows, need_w, need_b)
+    return gh, (gw if need_w else None), (gb if need_b else None), None, None, None, None, None
+
+
+_lm_head_nll_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lm_head_nll(
+    h: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    scale: float = 1.0,
+    ignore_index: int = -100,
+    chunk_rows: int = 0,
+) -> Tensor:
+    """Per-row NLL [N] (float32, 0 for ignored rows) of `h` [N, D] through the LM head `weight` [V, D].
+
+    Never materialises more than `chunk_rows` x V logits; differentiable.
+    """
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"lm_head_nll: h must be [N, D] and weight [V, D]; got {tuple(h.shape)}, {tuple(weight.shape)}")
+    if targets.shape != (h.shape[0],):
+        raise ValueError(f"lm_head_nll: targets must be [N]={h.shape[0]}; got {tuple(targets.shape)}")
+    nll, _ = _lm_head_nll_fwd(h.contiguous(), weight, bias, targets.to(torch.long).contiguous(),
+                              float(softcap or 0.0), float(scale), int(ignore_index), int(chunk_rows))
+    return nll
