@@ -1,7 +1,8 @@
 """Row-wise cosine statistics of two [N, D] tensors: the reduction behind BI and angular distance.
 
 Definition (the `_ref` below is the oracle and the documentation):
-    cos_r   = clamp(x_r . y_r / (|x_r| |y_r|), -1, 1), and cos_r = 1 when x_r or y_r is the zero vector
+    cos_r   = clamp(x_r . y_r / (|x_r| |y_r|), -1, 1), and cos_r = 1 when |x_r| |y_r| == 0 (a zero vector);
+              NaN/Inf in a row propagate into the sums (never silently replaced), so callers can detect them
     ang_r   = arccos(cos_r) / pi
     acc    += [sum_r m_r cos_r, sum_r m_r ang_r, sum_r m_r]      (m_r = mask, 1 when no mask)
 `acc` is a float64 tensor of shape [3] on the inputs' device; accumulating in place means the
@@ -24,7 +25,8 @@ def cosine_stats_ref(x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Ten
     dot = (xd * yd).sum(-1)
     nx, ny = xd.square().sum(-1).sqrt(), yd.square().sum(-1).sqrt()
     denom = nx * ny
-    cos = torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1.0), torch.ones_like(dot))
+    # exactly-zero norm product -> 1 by definition; NaN/Inf must propagate (the scorer detects them)
+    cos = torch.where(denom == 0, torch.ones_like(dot), dot / torch.where(denom == 0, 1.0, denom))
     cos = cos.clamp(-1.0, 1.0)
     ang = torch.arccos(cos) / math.pi
     m = torch.ones_like(cos) if mask is None else mask.reshape(-1).to(torch.float64)
