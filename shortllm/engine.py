@@ -44,6 +44,31 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def distributed_reducer():
+    """A sum-all-reduce over the default process group, or None when not running distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+
+    def reduce_sum(t: Tensor) -> Tensor:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+    return reduce_sum
+
+
+def shard_for_rank(data):
+    """Each rank takes a disjoint, deterministic share of the batches (round-robin by batch index)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return data
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if world == 1:
+        return data
+    if hasattr(data, "shard"):
+        return data.shard(rank, world)
+    return [b for i, b in enumerate(data) if i % world == rank]
+
+
 class Engine:
     """Runs the calibration batches once through the model with the collectors attached."""
 
@@ -194,6 +219,12 @@ class Engine:
                 if self.n_batches == 0 and skip_batches == 0:
                     raise EmptyLoaderError("the calibration loader yielded no batch; give it at least one text "
                                            "(e.g. calibration_loader('wikitext2', tokenizer, n_samples=10))")
+                reduce_sum = distributed_reducer()
+                if reduce_sum is not None:
+                    for c in self.collectors:
+                        c.sync(reduce_sum)
+                    self.n_tokens = int(reduce_sum(torch.tensor(float(self.n_tokens), dtype=torch.float64,
+                                                                device=self.device)).item())
                 self.results = {}
                 for c in self.collectors:
                     self.results.update(c.finish())
@@ -282,7 +313,7 @@ def score_fast(
                             options={"n_max": n_max, "angular_tokens": angular_tokens, "taylor_mode": taylor_mode})
     engine = Engine(model, adapter, collectors, gradient_checkpointing=gradient_checkpointing, progress=progress,
                     check_finite=check_finite)
-    engine.run(data)
+    engine.run(shard_for_rank(data))
     return Scores.build(model, adapter, engine.results, data=data, n_tokens=engine.n_tokens, model_name=model_name,
                         options={"n_max": n_max, "angular_tokens": angular_tokens, "taylor_mode": taylor_mode,
                                  "gradient_checkpointing": gradient_checkpointing})

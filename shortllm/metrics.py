@@ -44,6 +44,10 @@ class Collector:
         raise NotImplementedError
     def accumulators(self) -> list[Tensor]:
         return []
+    def sync(self, reduce_sum) -> None:
+        """Sum this collector's state over data shards (data-parallel scoring); before `finish`."""
+        for t in self.accumulators():
+            reduce_sum(t)
     def close(self) -> None: ...
 
 
@@ -181,6 +185,17 @@ class TaylorCollector(Collector):
 
     def accumulators(self) -> list[Tensor]:
         return [self.acc]
+
+    def sync(self, reduce_sum) -> None:
+        reduce_sum(self.acc)
+        if not self.stream:  # exact mode sums gradients element-wise before the abs: sum them over shards
+            for _, p in self.params:
+                g = self.buffers.get(id(p))
+                if g is None:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    g = p.grad
+                reduce_sum(g)
 
     def close(self) -> None:
         for h in self.handles:
