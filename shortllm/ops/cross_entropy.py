@@ -42,6 +42,11 @@ def lm_head_nll_ref(
     return torch.where(valid, nll, torch.zeros_like(nll))
 
 
+def acc_dtype(h: Tensor) -> torch.dtype:
+    """float32 logits/NLL for every input dtype except float64, which stays float64."""
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
 def chunk_rows_for(n: int, v: int, chunk_rows: int = 0) -> int:
     if chunk_rows and chunk_rows > 0:
         return max(1, min(n, chunk_rows))
@@ -50,7 +55,9 @@ def chunk_rows_for(n: int, v: int, chunk_rows: int = 0) -> int:
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: float, scale: float):
     """float32 logits of a row chunk, plus the softcap's tanh (for backward) when used."""
-    z = torch.nn.functional.linear(h, weight, bias).float()
+    z = torch.nn.functional.linear(h, weight, bias)
+    if z.dtype != torch.float64:  # float64 models keep float64 (test oracles); everything else float32
+        z = z.float()
     if scale != 1.0:
         z = z * scale
     if softcap > 0:
@@ -62,8 +69,8 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: fl
 def _nll_fwd_torch(h, weight, bias, targets, softcap, scale, ignore_index, chunk_rows):
     n, v = h.shape[0], weight.shape[0]
     rows = chunk_rows_for(n, v, chunk_rows)
-    nll = torch.empty(n, dtype=torch.float32, device=h.device)
-    lse = torch.empty(n, dtype=torch.float32, device=h.device)
+    nll = torch.empty(n, dtype=acc_dtype(h), device=h.device)
+    lse = torch.empty(n, dtype=acc_dtype(h), device=h.device)
     for s in range(0, n, rows):
         e = min(n, s + rows)
         logits, _ = _chunk_logits(h[s:e], weight, bias, softcap, scale)
@@ -82,25 +89,25 @@ def _nll_bwd_torch(grad_nll, h, weight, bias, targets, lse, softcap, scale, igno
     n, v = h.shape[0], weight.shape[0]
     rows = chunk_rows_for(n, v, chunk_rows)
     gh = torch.empty_like(h) if need_h else None
-    gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    gb = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
+    gw = torch.zeros(weight.shape, dtype=acc_dtype(weight), device=weight.device) if need_w else None
+    gb = torch.zeros(v, dtype=acc_dtype(weight), device=weight.device) if need_b else None
     for s in range(0, n, rows):
         e = min(n, s + rows)
         logits, t = _chunk_logits(h[s:e], weight, bias, softcap, scale)
         tg = targets[s:e]
         valid = tg != ignore_index
-        go = torch.where(valid, grad_nll[s:e].float(), torch.zeros_like(lse[s:e]))
+        go = torch.where(valid, grad_nll[s:e].to(lse.dtype), torch.zeros_like(lse[s:e]))
         d = torch.exp(logits - lse[s:e, None])  # softmax
-        d.scatter_add_(-1, torch.where(valid, tg, torch.zeros_like(tg))[:, None], -valid.float()[:, None])
+        d.scatter_add_(-1, torch.where(valid, tg, torch.zeros_like(tg))[:, None], -valid.to(d.dtype)[:, None])
         d.mul_(go[:, None])
         if t is not None:
             d.mul_(1.0 - t * t)
         if scale != 1.0:
             d.mul_(scale)
         if need_h:
-            gh[s:e] = (d.to(weight.dtype) @ weight).to(h.dtype) if weight.dtype != torch.float32 else (d @ weight.float()).to(h.dtype)
+            gh[s:e] = (d.to(weight.dtype) @ weight).to(h.dtype)
         if need_w:
-            gw.addmm_(d.T, h[s:e].float())
+            gw.addmm_(d.T.to(gw.dtype), h[s:e].to(gw.dtype))
         if need_b:
             gb.add_(d.sum(0))
     return gh, (None if gw is None else gw.to(weight.dtype)), (None if gb is None else gb.to(bias.dtype))
@@ -125,7 +132,7 @@ def _lm_head_nll_fwd(
 @_lm_head_nll_fwd.register_fake
 def _(h, weight, bias, targets, softcap, scale, ignore_index, chunk_rows):
     n = h.shape[0]
-    return h.new_empty(n, dtype=torch.float32), h.new_empty(n, dtype=torch.float32)
+    return h.new_empty(n, dtype=acc_dtype(h)), h.new_empty(n, dtype=acc_dtype(h))
 
 
 @torch.library.custom_op("shortllm::lm_head_nll_bwd", mutates_args=())
@@ -175,7 +182,7 @@ def lm_head_nll(
     ignore_index: int = -100,
     chunk_rows: int = 0,
 ) -> Tensor:
-    """Per-row NLL [N] (float32, 0 for ignored rows) of `h` [N, D] through the LM head `weight` [V, D].
+    """Per-row NLL [N] (float32; float64 for float64 inputs; 0 for ignored rows) of `h` [N, D] through the LM head `weight` [V, D].
 
     Never materialises more than `chunk_rows` x V logits; differentiable.
     """

@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# CI sets SHORTLLM_DATA=../shared/data; default to the same sibling folder for local runs.
+if "SHORTLLM_DATA" not in os.environ:
+    guess = HERE.parent.parent / "shared" / "data"
+    if guess.is_dir():
+        os.environ["SHORTLLM_DATA"] = str(guess)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the built-in SmolLM2-135M, fp32 on CPU (cached after the first conversion)."""
+    from shortllm.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = os.environ.get("SHORTLLM_DATA")
+    if not d or not Path(d).is_dir():
+        pytest.skip("SHORTLLM_DATA is not set to the shared data folder")
+    return Path(d)
