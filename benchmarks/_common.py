@@ -1,0 +1,52 @@
+"""Shared helpers of the end-to-end benchmark scripts: machine/version stamps and peak RSS."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (VmHWM), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def stamp() -> str:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        commit = "?"
+    return (f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; {cpu}, {os.cpu_count()} cores; "
+            f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
+            f"commit {commit}")
+
+
+def run_child(script: str, *args: str) -> str:
+    """Run `script` in a fresh interpreter (so its peak RSS is its own) and return its stdout."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{script} {args} failed:\n{out.stderr[-3000:]}")
+    return out.stdout

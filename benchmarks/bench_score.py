@@ -1,0 +1,142 @@
+"""End-to-end: score_fast vs a plain forward and vs the anchors' methods on SmolLM2-135M.
+
+    python benchmarks/bench_score.py            # writes benchmarks/results/score.md
+
+(a) bi+angular, 4 x 512 WikiText-2 tokens: time ÷ plain forward (same process, alternating, medians)
+    and peak RSS over the plain forward's (fresh process per variant); the output_hidden_states
+    reference beside it.
+(b) Taylor, 10 x 128 tokens (one batch): peak RSS of score_fast ÷ the seed-000 method (full gradients
+    of every parameter + fp32 salience copies, full logits), and whether the rankings agree.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import peak_rss_mb, run_child, stamp  # noqa: E402
+
+
+def _setup(n: int, seq: int, batch: int):
+    import torch
+
+    torch.manual_seed(0)
+    from shortllm.data import calibration_loader
+    from shortllm.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    data = calibration_loader("wikitext2", tok, n_samples=n, seq_len=seq, batch_size=batch, seed=0)
+    return model, list(data)
+
+
+def child(variant: str) -> None:
+    import torch
+
+    import shortllm
+    from shortllm.reference import bi_angular_reference, taylor_reference
+
+    if variant in ("plain", "fast_bi_angular", "hidden_states"):
+        model, data = _setup(4, 512, 4)
+        for _ in range(2):
+            if variant == "plain":
+                with torch.no_grad():
+                    model(**data[0], use_cache=False)
+            elif variant == "fast_bi_angular":
+                shortllm.score_fast(model, data, metrics=("bi", "angular"), progress=False)
+            else:
+                bi_angular_reference(model, data, n_max=8)
+        print(json.dumps({"variant": variant, "peak_rss_mb": peak_rss_mb()}))
+        return
+    model, data = _setup(10, 128, 10)
+    if variant == "fast_taylor":
+        s = shortllm.score_fast(model, data, metrics=("taylor",), progress=False)
+        ranking = s.ranking("taylor")
+    elif variant == "fast_taylor_ckpt":
+        s = shortllm.score_fast(model, data, metrics=("taylor",), gradient_checkpointing=True, progress=False)
+        ranking = s.ranking("taylor")
+    elif variant == "seed000_taylor":
+        t = taylor_reference(model, data)
+        ranking = [int(i) for i in torch.argsort(t, stable=True)]
+    elif variant == "plain_fwd_bwd":
+        out = model(**data[0], labels=data[0]["input_ids"], use_cache=False)
+        out.loss.backward()
+        ranking = []
+    print(json.dumps({"variant": variant, "peak_rss_mb": peak_rss_mb(), "ranking": ranking}))
+
+
+def timing(reps: int = 5) -> dict:
+    import torch
+
+    import shortllm
+    from shortllm.reference import bi_angular_reference
+
+    model, data = _setup(4, 512, 4)
+    fns = {
+        "plain": lambda: model(**data[0], use_cache=False),
+        "fast_bi_angular": lambda: shortllm.score_fast(model, data, metrics=("bi", "angular"), progress=False),
+        "hidden_states": lambda: bi_angular_reference(model, data, n_max=8),
+    }
+    times = {k: [] for k in fns}
+    with torch.no_grad():
+        for k, f in fns.items():
+            f()  # warm-up
+        for _ in range(reps):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    import shortllm.ops as ops
+
+    script = str(Path(__file__).resolve())
+    t = timing()
+    rss = {v: json.loads(run_child(script, "--child", v)) for v in
+           ("plain", "fast_bi_angular", "hidden_states", "plain_fwd_bwd", "seed000_taylor", "fast_taylor",
+            "fast_taylor_ckpt")}
+    backend = ops.select("cosine_stats", __import__("torch").device("cpu"))[0]
+    lines = [
+        "## score_fast end to end (SmolLM2-135M, fp32, CPU)", "",
+        f"Measured {stamp()}; cosine backend `{backend}`.", "",
+        "### BI + angular (n_max = 8), 4 x 512 WikiText-2 tokens, one batch", "",
+        "| method | time (median of 5) | ÷ plain forward | peak RSS | over plain forward |",
+        "|---|---|---|---|---|",
+    ]
+    base_t, base_m = t["plain"], rss["plain"]["peak_rss_mb"]
+    for k, name in (("plain", "plain forward `model(**batch)` (logits included)"),
+                    ("fast_bi_angular", "`score_fast(metrics=('bi','angular'))`"),
+                    ("hidden_states", "reference: `output_hidden_states` + per-pair cosines")):
+        lines.append(f"| {name} | {t[k]:.3f} s | {t[k] / base_t:.3f} | {rss[k]['peak_rss_mb']:.0f} MB | "
+                     f"{rss[k]['peak_rss_mb'] - base_m:+.0f} MB |")
+    seed, fast, ck = rss["seed000_taylor"], rss["fast_taylor"], rss["fast_taylor_ckpt"]
+    lines += [
+        "", "### Taylor, 10 x 128 WikiText-2 tokens, one batch", "",
+        "| method | peak RSS | ÷ seed-000 | ranking equal to seed-000 |", "|---|---|---|---|",
+        f"| plain forward+backward (`labels=`) | {rss['plain_fwd_bwd']['peak_rss_mb']:.0f} MB | "
+        f"{rss['plain_fwd_bwd']['peak_rss_mb'] / seed['peak_rss_mb']:.2f} | - |",
+        f"| seed-000 method (all grads + salience copies) | {seed['peak_rss_mb']:.0f} MB | 1.00 | - |",
+        f"| `score_fast(metrics=('taylor',))` | {fast['peak_rss_mb']:.0f} MB | "
+        f"{fast['peak_rss_mb'] / seed['peak_rss_mb']:.2f} | {fast['ranking'] == seed['ranking']} |",
+        f"| `score_fast(..., gradient_checkpointing=True)` | {ck['peak_rss_mb']:.0f} MB | "
+        f"{ck['peak_rss_mb'] / seed['peak_rss_mb']:.2f} | {ck['ranking'] == seed['ranking']} |",
+        "",
+        "Peak RSS = VmHWM of a fresh process per method (model load included: weights are ~0.54 GB).", "",
+    ]
+    out = HERE / "results" / "score.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        child(sys.argv[2])
+    else:
+        main()
