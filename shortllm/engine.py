@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .arch import Adapter, get_adapter
-from .errors import EmptyLoaderError, MetricError, NonFiniteError, SequenceTooLongError
+from .errors import DataError, EmptyLoaderError, MetricError, NonFiniteError, SequenceTooLongError
 from .hooks import block_io_hooks, checkpointed_blocks
 from .metrics import BatchContext, Collector, CosineCollector, MagCollector, TaylorCollector
 from .ops import lm_head_nll
@@ -82,6 +82,7 @@ class Engine:
         self.n_tokens = 0
         self.n_batches = 0
         self._finite: list[Tensor] = []
+        self.checkpoint = None  # a resume.ScoringCheckpoint: restores state at start, saves every K batches
 
     # ---- model state -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -112,6 +113,9 @@ class Engine:
         mask = batch.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(ids)
+        if ids.is_floating_point() or ids.is_complex():
+            raise DataError(f"batch {index}: input_ids must be an integer tensor of token ids, got {ids.dtype}; "
+                            "pass the tokenizer's ids (torch.long), e.g. from shortllm.data.calibration_loader")
         if ids.dim() != 2 or mask.shape != ids.shape:
             raise EmptyLoaderError(f"batch {index}: input_ids must be [B, T] with a matching attention_mask; got "
                                    f"{tuple(ids.shape)} and {tuple(mask.shape)}")
@@ -210,11 +214,15 @@ class Engine:
             try:
                 for c in self.collectors:
                     c.start(self)
+                if self.checkpoint is not None:
+                    skip_batches = max(skip_batches, self.checkpoint.restore(self))
                 bar = tqdm(data, total=total, desc="score_fast", unit="batch", disable=not self.progress)
                 for index, batch in enumerate(bar):
                     if index < skip_batches:
                         continue
                     self._batch(index, batch)
+                    if self.checkpoint is not None:
+                        self.checkpoint.after_batch(self)
                     bar.set_postfix(tokens=self.n_tokens)
                 if self.n_batches == 0 and skip_batches == 0:
                     raise EmptyLoaderError("the calibration loader yielded no batch; give it at least one text "
@@ -272,6 +280,8 @@ def score_fast(
     progress: bool = True,
     check_finite: bool = True,
     model_name: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    every: int = 10,
     **ppl_options,
 ):
     """Score every decoder block of `model` in one streaming pass over `data`.
@@ -286,6 +296,8 @@ def score_fast(
         taylor_mode: "exact" (seed-000: signed products summed over batches before |.|) or "streaming"
             (sum over batches of |W * G_b|: every gradient freed as soon as it is reduced).
         gradient_checkpointing: recompute each block in backward (Taylor memory ~ one block of activations).
+        checkpoint: a directory (str or PathLike) for resumable scoring: the state is saved there every `every`
+            batches, and a rerun with the same arguments continues where it stopped (`shortllm.resume`).
 
     Returns: `shortllm.Scores`.
     """
@@ -313,7 +325,15 @@ def score_fast(
                             options={"n_max": n_max, "angular_tokens": angular_tokens, "taylor_mode": taylor_mode})
     engine = Engine(model, adapter, collectors, gradient_checkpointing=gradient_checkpointing, progress=progress,
                     check_finite=check_finite)
-    engine.run(shard_for_rank(data))
+    shard = shard_for_rank(data)
+    if checkpoint is not None:
+        from .resume import ScoringCheckpoint
+
+        engine.checkpoint = ScoringCheckpoint.for_run(
+            checkpoint, every, model=model, data=data, shard=shard, metrics=metrics,
+            options={"n_max": n_max, "angular_tokens": angular_tokens, "taylor_mode": taylor_mode,
+                     "gradient_checkpointing": gradient_checkpointing, "ppl": ppl_options})
+    engine.run(shard)
     return Scores.build(model, adapter, engine.results, data=data, n_tokens=engine.n_tokens, model_name=model_name,
                         options={"n_max": n_max, "angular_tokens": angular_tokens, "taylor_mode": taylor_mode,
                                  "gradient_checkpointing": gradient_checkpointing})

@@ -57,3 +57,7 @@ class CheckpointError(ShortLLMError, ValueError):
 
 class BackendError(ShortLLMError, RuntimeError):
     """A forced kernel backend (SHORTLLM_BACKEND) is not available for this tensor."""
+
+
+class DiskSpaceError(ShortLLMError, OSError):
+    """Not enough free disk space for files shortllm must write (spilled calibration states, ...)."""

@@ -107,6 +107,21 @@ class CosineCollector(Collector):
         self.ring.clear()
 
 
+def stored_weight(block: torch.nn.Module, name: str, p: Tensor) -> Tensor:
+    """The weight's values, also when accelerate offloaded it (device_map "cpu"/"disk": the parameter is on
+    the meta device and its hook's `weights_map` holds the values)."""
+    if p.device.type != "meta":
+        return p.detach()
+    owner_name, _, leaf = name.rpartition(".")
+    hook = getattr(block.get_submodule(owner_name) if owner_name else block, "_hf_hook", None)
+    weights = getattr(hook, "weights_map", None)
+    if weights is None:
+        from .errors import UnsupportedModelError
+        raise UnsupportedModelError(f"block weight {name} is on the meta device and no accelerate offload hook holds "
+                                    "its values; load the model with real weights (or a device_map with offload)")
+    return weights[leaf]
+
+
 class MagCollector(Collector):
     """M_i = sum |W| over the block's weights (no biases). Needs no data."""
 
@@ -119,8 +134,8 @@ class MagCollector(Collector):
     def start(self, engine: "Engine") -> None:
         if not self.done:
             for i, blk in enumerate(engine.adapter.blocks()):
-                for _, p in engine.adapter.block_weights(blk):
-                    taylor_stats_(p.detach(), None, self.acc[i])
+                for name, p in engine.adapter.block_weights(blk):
+                    taylor_stats_(stored_weight(blk, name, p).to(self.acc.device), None, self.acc[i])
             self.done = True
 
     def finish(self) -> dict[str, Tensor]:
@@ -155,7 +170,12 @@ class TaylorCollector(Collector):
 
     def start(self, engine: "Engine") -> None:
         for i, blk in enumerate(engine.adapter.blocks()):
-            for _, p in engine.adapter.block_weights(blk):
+            for name, p in engine.adapter.block_weights(blk):
+                if p.device.type == "meta":  # accelerate swaps in a temporary tensor per forward: no grad lands here
+                    from .errors import MetricError
+                    raise MetricError(f"taylor needs the gradient of every block weight, but block {i}'s {name} is "
+                                      "offloaded by device_map (meta device); load the blocks on a device (no "
+                                      "'cpu'/'disk' offload) or use shortllm.offload.score_checkpoint for Taylor")
                 self.params.append((i, p))
                 self.handles.append(p.register_post_accumulate_grad_hook(self._make_hook(i)))
 
@@ -164,7 +184,7 @@ class TaylorCollector(Collector):
             if self.stream:
                 taylor_stats_(p.detach(), p.grad, self.acc[i])
                 p.grad = None
-            elif p.dtype != torch.float32:
+            elif p.dtype.itemsize < 4:  # fp16/bf16 sums in fp32 buffers; fp32/fp64 grads sum in place in p.grad
                 buf = self.buffers.get(id(p))
                 if buf is None:
                     self.buffers[id(p)] = p.grad.float()

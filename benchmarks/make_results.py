@@ -1,0 +1,27 @@
+"""Assemble benchmarks/RESULTS.md from the per-topic files each benchmark script writes in results/.
+
+    python benchmarks/make_results.py
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = ["score", "ops", "ppl", "speed", "eval", "reproduce", "retrain", "distributed", "offload"]
+
+
+def main() -> None:
+    parts = {p.stem: p.read_text().strip() for p in sorted((HERE / "results").glob("*.md"))}
+    names = [n for n in ORDER if n in parts] + sorted(set(parts) - set(ORDER))
+    text = ["# Benchmark results", "",
+            "Every section says when, on what machine, with which versions and at which commit it was measured, "
+            "and the script that regenerates it. This machine has 2 CPU cores and no GPU: all timings are CPU "
+            "timings, compared as ratios measured in one run; no GPU speed is claimed.", ""]
+    text += ["Sections: " + ", ".join(f"[{n}](#{n})" for n in names), ""]
+    for n in names:
+        text += [f'<a id="{n}"></a>', "", parts[n], ""]
+    (HERE / "RESULTS.md").write_text("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()

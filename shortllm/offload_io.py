@@ -1,0 +1,333 @@
+"""Reading a safetensors checkpoint one tensor at a time, and holding calibration states in memory or on disk.
+
+`CheckpointReader` parses the safetensors headers itself and reads each tensor with a plain
+`readinto` at its offset: no memory map stays open, so the process's resident memory is only what
+it holds (a mapped shard would count its touched pages in RSS until unmapped). Every problem is
+found when the checkpoint is opened, before any compute: a shard the index lists but that is absent,
+a gap in `-of-N` shard numbering, a truncated file, a tensor whose shape differs from the config's.
+
+`StateStore` keeps hidden states ([B, T, D] per batch) in memory, or spills them to one file per
+state in a temporary directory when they would not fit (checked against free disk space first).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Hashable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError, DiskSpaceError, ModelLoadError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+def _read_header(path: Path) -> dict[str, TensorEntry]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise ModelLoadError(f"checkpoint shard {path} is missing; re-download or re-save the checkpoint") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); the file is corrupted or truncated: "
+                              "re-download or re-save the checkpoint") from None
+    out = {}
+    base = 8 + n
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        dt = _DTYPES.get(meta.get("dtype"))
+        if dt is None:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {meta.get('dtype')!r}, which shortllm cannot "
+                                  f"read (supported: {', '.join(_DTYPES)})")
+        b, e = (int(x) for x in meta["data_offsets"])
+        if base + e > size:
+            raise CheckpointError(f"{path} is truncated: tensor {key!r} ends at byte {base + e} of a {size}-byte "
+                                  "file; re-download or re-save the checkpoint")
+        out[key] = TensorEntry(path, dt, tuple(int(s) for s in meta["shape"]), base + b, base + e)
+    return out
+
+
+def _shard_files(root: Path) -> list[Path]:
+    """The checkpoint's safetensors files: the index's shards, the single file, or a complete -of-N set."""
+    index = root / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid shard index ({type(exc).__name__}: {exc}); re-save "
+                                  "the checkpoint") from None
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not (root / f).is_file()]
+        if absent:
+            raise ModelLoadError(f"the shard index {index} lists {len(absent)} file(s) absent from {root}: "
+                                 f"{', '.join(absent[:5])}; re-download the missing shard(s)")
+        return [root / f for f in files]
+    if (root / SINGLE_NAME).is_file():
+        return [root / SINGLE_NAME]
+    found = sorted(root.glob("*.safetensors"))
+    if not found:
+        raise ModelLoadError(f"no safetensors weights in {root} (expected {SINGLE_NAME} or {INDEX_NAME} with its "
+                             "shards); convert the checkpoint with save_pretrained(..., safe_serialization=True)")
+    groups: dict[tuple[str, int], set[int]] = {}
+    for p in found:
+        m = _SHARD_RE.match(p.name)
+        if m:
+            groups.setdefault((m["stem"], int(m["n"])), set()).add(int(m["i"]))
+    for (stem, n), have in groups.items():
+        missing = sorted(set(range(1, n + 1)) - have)
+        if missing:
+            names = [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in missing]
+            raise ModelLoadError(f"checkpoint {root} is missing shard(s) {', '.join(names[:5])} (and has no "
+                                 f"{INDEX_NAME}); re-download the missing file(s)")
+    return found
+
+
+class CheckpointReader:
+    """Tensor directory of a local safetensors checkpoint; `read(key)` loads one tensor."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ModelLoadError(f"checkpoint directory {self.root} does not exist; give a local directory with "
+                                 "config.json and *.safetensors (e.g. one written by save_pretrained)")
+        self.entries: dict[str, TensorEntry] = {}
+        for path in _shard_files(self.root):
+            self.entries.update(_read_header(path))
+        self.bytes_read = 0
+
+    def has(self, key: str) -> bool:
+        return key in self.entries
+
+    def read(self, key: str, dtype: Optional[torch.dtype] = None, device: torch.device | str = "cpu") -> Tensor:
+        e = self.entries[key]
+        t = torch.empty(e.shape, dtype=e.dtype)
+        nbytes = e.end - e.begin
+        if nbytes != t.numel() * t.element_size():
+            raise CheckpointError(f"{e.file}: tensor {key!r} holds {nbytes} bytes but its shape {list(e.shape)} and "
+                                  f"dtype need {t.numel() * t.element_size()}; the file is corrupted")
+        if nbytes:
+            buf = t.reshape(-1).view(torch.uint8).numpy()
+            with open(e.file, "rb") as f:
+                f.seek(e.begin)
+                got = f.readinto(memoryview(buf))
+            if got != nbytes:
+                raise CheckpointError(f"{e.file} is truncated: read {got} of {nbytes} bytes of {key!r}; re-download "
+                                      "the shard")
+        self.bytes_read += nbytes
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        return t.to(device)
+
+
+class StateStore:
+    """Hidden states by key, in memory or (spill=True) as raw files in a temporary directory."""
+
+    def __init__(self, spill: bool, spill_dir: Optional[str | os.PathLike] = None, need_bytes: int = 0):
+        self.spill = spill
+        self.mem: dict[Hashable, Tensor] = {}
+        self.meta: dict[Hashable, tuple[torch.dtype, tuple[int, ...], Path]] = {}
+        self.dir: Optional[Path] = None
+        self.bytes_written = 0
+        if spill:
+            parent = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
+            parent.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(parent).free
+            if free < need_bytes:
+                raise DiskSpaceError(f"spilling the calibration states needs about {need_bytes / 2**30:.2f} GiB in "
+                                     f"{parent} but only {free / 2**30:.2f} GiB is free; free space there, point "
+                                     "spill_dir (--spill-dir) at a larger disk, or use fewer calibration tokens")
+            self.dir = Path(tempfile.mkdtemp(prefix="shortllm-states-", dir=parent))
+
+    def _path(self, key: Hashable) -> Path:
+        return self.dir / ("_".join(str(k) for k in (key if isinstance(key, tuple) else (key,))) + ".bin")
+
+    def put(self, key: Hashable, t: Tensor) -> None:
+        if not self.spill:
+            self.mem[key] = t
+            return
+        path = self._path(key)
+        c = t.detach().contiguous().cpu()
+        try:
+            with open(path, "wb") as f:
+                f.write(memoryview(c.reshape(-1).view(torch.uint8).numpy()))
+        except OSError as exc:
+            raise DiskSpaceError(f"could not write spilled state {path} ({exc.strerror or exc}); free space in "
+                                 f"{self.dir.parent} or set spill_dir (--spill-dir) to a larger disk") from None
+        self.bytes_written += c.numel() * c.element_size()
+        self.meta[key] = (t.dtype, tuple(t.shape), path)
+
+    def get(self, key: Hashable, device: torch.device | str = "cpu") -> Tensor:
+        if not self.spill:
+            return self.mem[key]
+        dtype, shape, path = self.meta[key]
+        t = torch.empty(shape, dtype=dtype)
+        with open(path, "rb") as f:
+            f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return t.to(device)
+
+    def pop(self, key: Hashable) -> None:
+        if not self.spill:
+            self.mem.pop(key, None)
+            return
+        meta = self.meta.pop(key, None)
+        if meta is not None:
+            meta[2].unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.mem.clear()
+        self.meta.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+# ---- skeleton and tensors ---------------------------------------------------------------------------
+
+def build_skeleton(path: Path, dtype: Optional[torch.dtype], attn_implementation: Optional[str]) -> nn.Module:
+    """The model with every parameter on the meta device and real buffers (rotary frequencies...)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; give a Hugging Face checkpoint directory "
+                             "(save_pretrained output)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {exc}") from None
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
+    return model.eval()
+
+
+class BlockLoader:
+    """Materialises and frees a module's parameters from the checkpoint, checked against the skeleton."""
+
+    def __init__(self, model: nn.Module, reader: CheckpointReader, dtype: torch.dtype, device: torch.device):
+        self.model, self.reader, self.dtype, self.device = model, reader, dtype, device
+        self.samples: dict[str, bytes] = {}
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        self.keys: dict[str, str] = {}
+        missing = []
+        params = dict(model.named_parameters(remove_duplicate=False))
+        emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
+        emb_name = next((n for n, p in params.items() if emb is not None and p is emb.weight), None)
+        renamed = _renamed_keys(model, reader)
+        for name, p in params.items():
+            cands = [renamed[name]] if name in renamed else []
+            cands.append(name)
+            if prefix and name.startswith(prefix + "."):
+                cands.append(name[len(prefix) + 1:])
+            elif prefix:
+                cands.append(f"{prefix}.{name}")
+            key = next((k for k in cands if reader.has(k)), None)
+            if key is None and emb_name is not None and name != emb_name and (
+                    p is params[emb_name] or (tied and out_emb is not None and p is out_emb.weight)):
+                key = self.keys.get(emb_name)  # tied LM head: stored once, as the input embedding
+            if key is None:
+                missing.append(name)
+                continue
+            e = reader.entries[key]
+            if tuple(e.shape) != tuple(p.shape):
+                raise CheckpointError(f"{e.file}: tensor {key!r} has shape {list(e.shape)} but the config in "
+                                      f"{reader.root / 'config.json'} implies {list(p.shape)}; the config does not "
+                                      "match the weights (wrong config.json or a corrupted checkpoint)")
+            self.keys[name] = key
+        if missing:
+            raise CheckpointError(f"the checkpoint {reader.root} has no tensor for {len(missing)} parameter(s) of the "
+                                  f"model its config.json describes, e.g. {missing[:4]}; the config does not match "
+                                  "the weights (or a shard is missing from the index)")
+
+    def load(self, module: nn.Module, prefix: str, requires_grad: Sequence[str] = (), recurse: bool = True) -> None:
+        for name, p in list(module.named_parameters(recurse=recurse, remove_duplicate=False)):
+            full = f"{prefix}.{name}" if prefix else name
+            t = self.reader.read(self.keys[full], self.dtype, self.device)
+            if full not in self.samples and t.is_floating_point():
+                flat = t.detach().reshape(-1)
+                step = max(1, flat.numel() // 64)
+                self.samples[full] = flat[::step][:64].to(torch.float32).cpu().numpy().tobytes()
+            _set_param(module, name, nn.Parameter(t, requires_grad=name in requires_grad))
+
+    @staticmethod
+    def free(module: nn.Module, recurse: bool = True) -> None:
+        for name, p in list(module.named_parameters(recurse=recurse, remove_duplicate=False)):
+            _set_param(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                  requires_grad=False))
+
+    def fingerprint(self) -> str:
+        """`scores.weights_fingerprint` of the loaded model, from the samples taken as tensors were read."""
+        h = hashlib.sha256()
+        seen: set[str] = set()
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if self.keys[name] in seen:  # a tied weight is listed once by the loaded model
+                continue
+            seen.add(self.keys[name])
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            if name in self.samples:
+                h.update(self.samples[name])
+        return h.hexdigest()[:32]
+
+
+def _renamed_keys(model: nn.Module, reader: CheckpointReader) -> dict[str, str]:
+    """model parameter name -> checkpoint key, through transformers' own checkpoint renamings (GPT-NeoX's
+    `embed_out` is the model's `lm_head`, legacy `gamma`/`beta`, base-model prefixes)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # older transformers: plain names plus the prefix fallback
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta_sd = model.state_dict()
+    out: dict[str, str] = {}
+    for key in reader.entries:
+        new, pattern = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None),
+                                         meta_sd)
+        if pattern is not None:
+            from .errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"{reader.entries[key].file}: tensor {key!r} is converted by transformers when "
+                                        "loading (e.g. experts fused into one tensor); out-of-core scoring needs one "
+                                        "stored tensor per parameter: re-save the checkpoint with save_pretrained "
+                                        "from a transformers that stores the model's own layout, or score in memory")
+        out.setdefault(new, key)
+    return out
+
+
+def _set_param(module: nn.Module, name: str, value: nn.Parameter) -> None:
+    path, _, leaf = name.rpartition(".")
+    (module.get_submodule(path) if path else module)._parameters[leaf] = value

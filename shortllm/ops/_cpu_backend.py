@@ -1,0 +1,115 @@
+"""CPU backend: the `shortllm._cpu` C++/OpenMP extension (csrc/cpu), called with raw pointers.
+
+Importing this module fails (and the dispatcher falls back to the reference, warning once) when the
+extension was not built. Inputs of a dtype the kernels do not cover (e.g. float64) go to the reference.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from .cross_entropy import chunk_rows_for
+from .. import _cpu  # noqa: F401 - ImportError here means "extension not built"
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_VOCAB_CHUNK = 8192  # vocabulary rows upcast per step: bounds the float32 weight copy
+
+
+def _threads() -> int:
+    # follow torch's intra-op setting so one knob controls both; results do not depend on it
+    return max(1, torch.get_num_threads())
+
+
+def _ref(op: str) -> Callable:
+    return _backend._REF[op]
+
+
+def _cpu_ok(*ts: Optional[Tensor]) -> bool:
+    return all(t is None or (t.device.type == "cpu" and t.dtype in DTYPE_CODES) for t in ts)
+
+
+def cosine_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], acc: Tensor) -> None:
+    if not _cpu_ok(x, y) or x.dtype != y.dtype or acc.device.type != "cpu":
+        return _ref("cosine_stats")(x, y, mask, acc)
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    if y.stride(-1) != 1 and y.shape[-1] > 1:
+        y = y.contiguous()
+    if mask is not None:
+        mask = mask.reshape(-1).to(torch.bool).contiguous()
+    out = acc if acc.is_contiguous() else torch.zeros(3, dtype=torch.float64)
+    n, d = x.shape
+    _cpu.cosine_stats(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), n, d, DTYPE_CODES[x.dtype],
+                      0 if mask is None else mask.data_ptr(), out.data_ptr(), _threads())
+    if out is not acc:
+        acc.add_(out)
+
+
+def taylor_stats(w: Tensor, g: Optional[Tensor], acc: Tensor) -> None:
+    if not _cpu_ok(w, g) or acc.device.type != "cpu":
+        return _ref("taylor_stats")(w, g, acc)
+    if g is not None and g.dtype != w.dtype:
+        # mixed precision (e.g. bf16 weight, fp32 grad): widen both rather than round the wider one
+        w, g = w.float(), g.float()
+    w = w.detach().contiguous()
+    g = None if g is None else g.detach().contiguous()
+    out = acc if acc.is_contiguous() else torch.zeros(3, dtype=torch.float64)
+    _cpu.taylor_stats(w.data_ptr(), 0 if g is None else g.data_ptr(), w.numel(), DTYPE_CODES[w.dtype],
+                      out.data_ptr(), _threads())
+    if out is not acc:
+        acc.add_(out)
+
+
+def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, softcap: float,
+                    scale: float, ignore_index: int, chunk_rows: int) -> tuple[Tensor, Tensor]:
+    """Vocabulary chunks outermost (each weight chunk is widened to float32 once), row chunks inside:
+    BLAS computes the chunk's logits, the kernel applies scale/softcap, updates the online
+    log-sum-exp and picks the target logit in one pass. Peak extra memory: one logits chunk."""
+    if not _cpu_ok(h, weight, bias):
+        return _ref("lm_head_nll_fwd")(h, weight, bias, targets, softcap, scale, ignore_index, chunk_rows)
+    n, v = h.shape[0], weight.shape[0]
+    with torch.no_grad():
+        hf = h.detach().float().contiguous()
+        tg = targets.to(torch.long).contiguous()
+        m = torch.full((n,), float("-inf"), dtype=torch.float32)
+        s = torch.zeros(n, dtype=torch.float32)
+        t = torch.full((n,), float("nan"), dtype=torch.float32)  # stays NaN for an out-of-range target
+        vc = min(v, _VOCAB_CHUNK)
+        rows = chunk_rows_for(n, vc, chunk_rows)
+        buf = torch.empty(min(rows, n) * vc, dtype=torch.float32)
+        for v0 in range(0, v, vc):
+            v1 = min(v, v0 + vc)
+            wc = weight.detach()[v0:v1].float()
+            bc = None if bias is None else bias.detach()[v0:v1].float()
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                z = buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+                if bc is None:
+                    torch.mm(hf[r0:r1], wc.T, out=z)
+                else:
+                    torch.addmm(bc, hf[r0:r1], wc.T, out=z)
+                _cpu.lse_update(z.data_ptr(), r1 - r0, v1 - v0, v1 - v0, v0, tg[r0:].data_ptr(), float(scale),
+                                float(softcap or 0.0), m[r0:].data_ptr(), s[r0:].data_ptr(), t[r0:].data_ptr(),
+                                _threads())
+        nll = torch.empty(n, dtype=torch.float32)
+        lse = torch.empty(n, dtype=torch.float32)
+        _cpu.nll_finalize(m.data_ptr(), s.data_ptr(), t.data_ptr(), tg.data_ptr(), int(ignore_index), n,
+                          nll.data_ptr(), lse.data_ptr())
+    return nll, lse
+
+
+def _on_cpu(device: torch.device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+IMPLS: dict[str, Callable] = {
+    "cosine_stats": cosine_stats,
+    "cosine_stats:supports": _on_cpu,
+    "taylor_stats": taylor_stats,
+    "taylor_stats:supports": _on_cpu,
+    "lm_head_nll_fwd": lm_head_nll_fwd,
+    "lm_head_nll_fwd:supports": _on_cpu,
+}

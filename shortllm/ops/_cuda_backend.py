@@ -1,0 +1,103 @@
+"""CUDA backend: the `shortllm._cuda` extension (csrc/cuda), called with raw device pointers and the
+current stream's handle. Never initialises CUDA at import; used only for CUDA tensors (by default the
+Triton backend comes first; SHORTLLM_BACKEND=cuda selects this one)."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from .cross_entropy import chunk_rows_for
+from .. import _cuda  # noqa: F401 - ImportError here means "extension not built"
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_VOCAB_CHUNK = 32768
+
+
+def _ok(*ts: Optional[Tensor]) -> bool:
+    return all(t is None or (t.device.type == "cuda" and t.dtype in DTYPE_CODES) for t in ts)
+
+
+def _stream(device: torch.device) -> int:
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+def cosine_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], acc: Tensor) -> None:
+    if not _ok(x, y) or x.dtype != y.dtype or acc.device.type != "cuda":
+        return _backend._REF["cosine_stats"](x, y, mask, acc)
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    if y.stride(-1) != 1 and y.shape[-1] > 1:
+        y = y.contiguous()
+    if mask is not None:
+        mask = mask.reshape(-1).to(torch.bool).contiguous()
+    n, d = x.shape
+    out = acc if acc.is_contiguous() else torch.zeros(3, dtype=torch.float64, device=acc.device)
+    part = torch.empty(3 * max(1, _cuda.cosine_slots(n)), dtype=torch.float64, device=x.device)
+    _cuda.cosine_stats(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), n, d, DTYPE_CODES[x.dtype],
+                       0 if mask is None else mask.data_ptr(), out.data_ptr(), part.data_ptr(), _stream(x.device))
+    if out is not acc:
+        acc.add_(out)
+
+
+def taylor_stats(w: Tensor, g: Optional[Tensor], acc: Tensor) -> None:
+    if not _ok(w, g) or acc.device.type != "cuda":
+        return _backend._REF["taylor_stats"](w, g, acc)
+    if g is not None and g.dtype != w.dtype:
+        w, g = w.float(), g.float()
+    w = w.detach().contiguous()
+    g = None if g is None else g.detach().contiguous()
+    out = acc if acc.is_contiguous() else torch.zeros(3, dtype=torch.float64, device=acc.device)
+    part = torch.empty(3 * max(1, _cuda.taylor_slots(w.numel())), dtype=torch.float64, device=w.device)
+    _cuda.taylor_stats(w.data_ptr(), 0 if g is None else g.data_ptr(), w.numel(), DTYPE_CODES[w.dtype],
+                       out.data_ptr(), part.data_ptr(), _stream(w.device))
+    if out is not acc:
+        acc.add_(out)
+
+
+def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, softcap: float,
+                    scale: float, ignore_index: int, chunk_rows: int) -> tuple[Tensor, Tensor]:
+    """cuBLAS (via torch) computes each float32 logits chunk; the kernel fuses scale, soft-cap, online
+    log-sum-exp and the target gather over it."""
+    if not _ok(h, weight, bias):
+        return _backend._REF["lm_head_nll_fwd"](h, weight, bias, targets, softcap, scale, ignore_index, chunk_rows)
+    n, v = h.shape[0], weight.shape[0]
+    dev, st = h.device, _stream(h.device)
+    with torch.no_grad():
+        hf = h.detach().float().contiguous()
+        tg = targets.to(torch.long).contiguous()
+        m = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
+        s = torch.zeros(n, dtype=torch.float32, device=dev)
+        t = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
+        vc = min(v, _VOCAB_CHUNK)
+        rows = chunk_rows_for(n, vc, chunk_rows)
+        for v0 in range(0, v, vc):
+            v1 = min(v, v0 + vc)
+            wc = weight.detach()[v0:v1].float()
+            bc = None if bias is None else bias.detach()[v0:v1].float()
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                z = torch.nn.functional.linear(hf[r0:r1], wc, bc).contiguous()
+                _cuda.lse_update(z.data_ptr(), r1 - r0, v1 - v0, v1 - v0, v0, tg[r0:].data_ptr(), float(scale),
+                                 float(softcap or 0.0), m[r0:].data_ptr(), s[r0:].data_ptr(), t[r0:].data_ptr(), st)
+        nll = torch.empty(n, dtype=torch.float32, device=dev)
+        lse = torch.empty(n, dtype=torch.float32, device=dev)
+        _cuda.nll_finalize(m.data_ptr(), s.data_ptr(), t.data_ptr(), tg.data_ptr(), int(ignore_index), n,
+                           nll.data_ptr(), lse.data_ptr(), st)
+    return nll, lse
+
+
+def _on_cuda(device: torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+IMPLS: dict[str, Callable] = {
+    "cosine_stats": cosine_stats,
+    "cosine_stats:supports": _on_cuda,
+    "taylor_stats": taylor_stats,
+    "taylor_stats:supports": _on_cuda,
+    "lm_head_nll_fwd": lm_head_nll_fwd,
+    "lm_head_nll_fwd:supports": _on_cuda,
+}

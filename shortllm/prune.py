@@ -1,0 +1,250 @@
+"""Depth pruning: remove the blocks (and branches) of a Plan from a Hugging Face causal LM.
+
+The result is a model of the same class that `save_pretrained` / `from_pretrained` round-trip exactly:
+
+- the decoder-block ModuleList keeps only the plan's kept blocks, in order;
+- the layer-count config key (`num_hidden_layers`, GPT-2's `n_layer`) and every per-layer config list
+  (`layer_types`, and any list of length L whose name mentions "layer") follow the kept blocks;
+- index thresholds are rewritten to keep each kept block's behaviour: Qwen2/3 `max_window_layers`
+  (block i slides iff i >= max_window_layers) becomes the number of kept blocks below the old
+  threshold, which is always expressible because kept blocks keep their order;
+- Gemma-3's `sliding_window_pattern` (block i slides iff (i+1) % pattern != 0) generally cannot express
+  the kept blocks' types after a removal; `layer_types`, which transformers reads in preference to the
+  pattern, is rewritten instead, and the pattern is left as it was (it is only a fallback for configs
+  without `layer_types`);
+- every `layer_idx` attribute inside a kept block (attention modules, Gemma-3 decoder layers) is
+  renumbered, so the KV cache gets one slot per kept block (the classic cached-generation crash);
+- GPT-2 with `scale_attn_by_inverse_layer_idx` scales attention by 1/(layer_idx+1): the change of
+  index is folded into the block's query weights and bias, so logits are unchanged;
+- a removed branch (`plan.removed_branches`) becomes a zeroed output projection (weight and bias), so its
+  residual contribution is exactly zero and the checkpoint loads in plain transformers; `shortllm.fuse`
+  drops such branches from the compute.
+
+Heterogeneous configs (transformers' sparse `per_layer_config`) are refused with a PlanError.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+import torch
+from torch import nn
+
+from .arch import get_adapter, resolve
+from .errors import PlanError, ShortLLMError
+from .plan import Plan
+
+INDEX_ATTRS = ("layer_idx", "layer_id", "layer_number")
+
+
+def prune(model: nn.Module, plan: Plan, *, inplace: bool = True, check_weights: bool = True) -> nn.Module:
+    """Apply `plan` to `model` and return the pruned model.
+
+    With `inplace=True` (default) `model` itself is modified (no extra memory) and returned; with
+    `inplace=False` a deep copy is pruned and `model` is left untouched. The plan must be for this
+    model (layer count, parameter names/shapes and, with `check_weights`, weights): else PlanError.
+    The plan is attached as `model.shortllm_plan` (export writes it into shortllm.json).
+    """
+    if getattr(model, "shortllm_plan", None) is not None:
+        raise PlanError("this model was already pruned by shortllm; apply a plan to the original model "
+                        "(a plan's indices refer to the unpruned blocks)")
+    plan.check_model(model, check_weights=check_weights)
+    cfg = model.config
+    if getattr(cfg, "is_heterogeneous", False):
+        raise PlanError("this model has a heterogeneous per_layer_config, which shortllm cannot rewrite yet; "
+                        "prune a homogeneous model")
+    if not inplace:
+        model = copy.deepcopy(model)
+        cfg = model.config
+    adapter = get_adapter(model)
+    blocks = adapter.blocks()
+    with torch.no_grad():
+        for kind, b in plan.removed_branches:
+            _zero_branch(adapter, blocks[b], kind)
+    kept = plan.kept
+    new_index = plan.new_index
+    with torch.no_grad():
+        for old in kept:
+            _renumber(model, blocks[old], old, new_index[old])
+    parent_path, _, attr = adapter.spec.blocks.rpartition(".")
+    parent = resolve(model, parent_path) if parent_path else model
+    setattr(parent, attr, nn.ModuleList([blocks[i] for i in kept]))
+    changes = rewrite_config(cfg, plan, adapter.spec.per_layer_config)
+    _refresh_module_state(model, cfg)
+    model.shortllm_plan = plan
+    model.shortllm_config_changes = changes
+    return model
+
+
+def _zero_branch(adapter, block: nn.Module, kind: str) -> None:
+    proj = adapter.attn_out(block) if kind == "attn" else adapter.mlp_out(block)
+    if proj is None or getattr(proj, "weight", None) is None:
+        raise PlanError(f"{adapter.model_type}: no {kind} output projection at "
+                        f"'{adapter.spec.attn_out if kind == 'attn' else adapter.spec.mlp_out}'; "
+                        "set it in the ArchSpec to remove this branch")
+    proj.weight.zero_()
+    if getattr(proj, "bias", None) is not None:
+        proj.bias.zero_()
+
+
+def _renumber(model: nn.Module, block: nn.Module, old: int, new: int) -> None:
+    for mod in block.modules():
+        for name in INDEX_ATTRS:
+            if isinstance(getattr(mod, name, None), int) and not isinstance(getattr(mod, name), bool):
+                setattr(mod, name, new)
+        if getattr(mod, "scale_attn_by_inverse_layer_idx", False) and hasattr(mod, "c_attn") and old != new:
+            # GPT-2: scores are scaled by 1/(layer_idx+1); keep the old scale by rescaling q (weight + bias)
+            factor = (new + 1) / (old + 1)
+            d = mod.embed_dim
+            mod.c_attn.weight[:, :d].mul_(factor)  # Conv1D weight is [in, out]: q is the first d outputs
+            mod.c_attn.bias[:d].mul_(factor)
+            if hasattr(mod, "scaling"):
+                mod.scaling = mod.scaling * (old + 1) / (new + 1)
+
+
+def rewrite_config(cfg, plan: Plan, per_layer: tuple[str, ...] = ()) -> dict:
+    """Rewrite every depth-dependent config field for the kept blocks; returns {field: (old, new)}."""
+    L, kept = plan.num_layers, plan.kept
+    changes: dict = {}
+    names = set(per_layer)
+    for k, v in cfg.to_dict().items():
+        if isinstance(v, (list, tuple)) and len(v) == L and "layer" in k and k not in ("architectures",):
+            names.add(k)
+    for k in sorted(names):
+        v = getattr(cfg, k, None)
+        if v is None:
+            continue
+        if not isinstance(v, (list, tuple)) or len(v) != L:
+            raise PlanError(f"config.{k} should hold one entry per block ({L}) but is {v!r}; fix the config")
+        new = type(v)(v[i] for i in kept)
+        changes[k] = (list(v), list(new))
+        setattr(cfg, k, new)
+    mwl = getattr(cfg, "max_window_layers", None)
+    if isinstance(mwl, int) and mwl < L:
+        new_mwl = sum(1 for i in kept if i < mwl)
+        changes["max_window_layers"] = (mwl, new_mwl)
+        cfg.max_window_layers = new_mwl
+    spec = get_adapter_spec_key(cfg)
+    changes[spec] = (getattr(cfg, spec), len(kept))
+    setattr(cfg, spec, len(kept))
+    pattern = getattr(cfg, "sliding_window_pattern", None)
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(pattern, int) and pattern > 0 and types is not None:
+        derived = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(len(kept))]
+        if list(types) != derived:
+            changes["sliding_window_pattern"] = (pattern, "not expressible; layer_types rewritten instead")
+    return changes
+
+
+def get_adapter_spec_key(cfg) -> str:
+    from .arch import REGISTRY
+
+    spec = REGISTRY.get(getattr(cfg, "model_type", ""))
+    return spec.num_layers_key if spec is not None else "num_hidden_layers"
+
+
+def _refresh_module_state(model: nn.Module, cfg) -> None:
+    """Attributes that modules derive from the config at construction time."""
+    types = getattr(cfg, "layer_types", None)
+    for mod in model.modules():
+        if hasattr(mod, "has_sliding_layers") and types is not None:
+            mod.has_sliding_layers = "sliding_attention" in types
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI: `shortllm prune ...` and `shortllm bench speed ...`
+# ---------------------------------------------------------------------------------------------------
+def register_cli(subparsers) -> None:
+    """Add the `prune` and `bench speed` commands to an argparse subparsers object."""
+    p = subparsers.add_parser("prune", help="remove blocks chosen by a score, export a loadable checkpoint",
+                              description="Prune MODEL by a metric of a scores file and export it to -o DIR.")
+    p.add_argument("model", help="built-in name (smollm2-135m), local HF checkpoint dir or hub id")
+    p.add_argument("--scores", help="scores JSON from `shortllm score` (needed for --remove/--ratio)")
+    p.add_argument("--metric", default=None, help="bi | angular | taylor | mag | ppl (lower = removed first)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ratio", type=float, help="fraction of the parameters to remove, e.g. 0.2")
+    g.add_argument("--remove", type=int, help="number of blocks to remove")
+    g.add_argument("--blocks", help="explicit 0-based block list, e.g. 3,5,7")
+    g.add_argument("--search", help="a `shortllm search` result JSON (blocks and/or attention/MLP branches)")
+    p.add_argument("--protect", type=int, nargs=2, metavar=("FIRST", "LAST"), default=None,
+                   help="never remove the first/last blocks (default 4 2 for taylor/mag, else 0 0)")
+    p.add_argument("--span", action="store_true", help="remove the contiguous span with the lowest angular distance")
+    p.add_argument("-o", "--output", required=True, help="output checkpoint dir (must not exist)")
+    p.add_argument("--mergekit", help="also write a mergekit passthrough YAML of the plan here")
+    p.add_argument("--plan-out", help="also write the plan JSON here")
+    p.add_argument("--fused", action="store_true", help="export the fused inference model (load with shortllm.load_fused)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.set_defaults(func=_prune_cmd)
+
+    b = subparsers.add_parser("bench", help="benchmarks")
+    bs = b.add_subparsers(dest="bench_command", required=True)
+    s = bs.add_parser("speed", help="depth vs width pruning vs fused: prefill/decode tokens/s")
+    from .speedbench import add_arguments
+
+    add_arguments(s)
+    s.set_defaults(func=_bench_speed_cmd)
+
+
+def _prune_cmd(args: argparse.Namespace) -> int:
+    from .export import export, mergekit_yaml
+    from .models import load_model
+    from .plan import make_plan, plan_from_search
+    from .scores import Scores, atomic_write_text
+
+    try:
+        model, tok = load_model(args.model)
+        scores = Scores.load(args.scores, model=model) if args.scores else None
+        blocks = [int(x) for x in args.blocks.split(",") if x.strip()] if args.blocks else None
+        if args.search:
+            plan = plan_from_search(_load_search(args.search), model, scores)
+        else:
+            plan = make_plan(scores, args.metric, model=model, remove=args.remove, ratio=args.ratio, blocks=blocks,
+                             protect=args.protect, span=args.span)
+        prune(model, plan)
+        out = export(model, args.output, tokenizer=tok, plan=plan, scores=scores, fused=args.fused,
+                     overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        if args.mergekit:
+            atomic_write_text(args.mergekit, mergekit_yaml(plan, args.model))
+        if args.plan_out:
+            plan.save(args.plan_out)
+    except ShortLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"removed blocks {plan.removed} of {plan.num_layers} ({plan.removed_fraction:.1%} of parameters: "
+          f"{plan.params_before:,} -> {plan.params_after:,}); wrote {out}")
+    return 0
+
+
+def _load_search(path: str):
+    import json
+    from types import SimpleNamespace
+
+    try:
+        d = json.loads(open(path, encoding="utf-8").read())
+        return SimpleNamespace(method=d.get("method", "search"), plan=[(e["kind"], int(e["block"])) for e in d["plan"]])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PlanError(f"{path} is not a readable `shortllm search` result ({type(exc).__name__}: {exc}); "
+                        "re-run `shortllm search ... -o result.json`") from None
+
+
+def _bench_speed_cmd(args: argparse.Namespace) -> int:
+    from .speedbench import main_from_args
+
+    try:
+        return main_from_args(args)
+    except ShortLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """`shortllm.prune` is both this module and its function: importing the submodule rebinds the package
+    attribute to the module, so the module forwards calls to `prune()`."""
+
+    def __call__(self, *args, **kwargs):
+        return prune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

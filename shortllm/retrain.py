@@ -1,0 +1,435 @@
+"""Recover a pruned model: LoRA (through peft) or continued pretraining (full-parameter AdamW).
+
+    cfg = RetrainConfig(method="lora", steps=200)
+    data = load_retrain_data("ptb", tokenizer, cfg.seq_len)
+    result = retrain(model, tokenizer, data, cfg, out_dir="runs/lora")
+    save_retrained(result.model, tokenizer, "pruned-lora")      # a stock transformers checkpoint
+
+Determinism and resume: the examples of optimizer step ``s`` are a pure function of ``(seed, s)`` (one
+seeded permutation per epoch), the torch RNG used by dropout is re-seeded from ``(seed, s)`` at every
+step inside `torch.random.fork_rng` (the caller's RNG is untouched), and the LR is computed from ``s``.
+A checkpoint therefore needs only the trainable weights, the AdamW state tensors (safetensors) and a
+JSON file of scalars; resuming from step ``k`` gives weights bit-identical to an uninterrupted run on
+the same device and thread settings. Nothing is ever pickled.
+
+Checkpoints (format in `shortllm.retrain_ckpt`) go to ``out_dir/checkpoints/step-NNNNNNNN/``, each
+written to a temp dir and renamed into place, so a killed run leaves only complete checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, DataError, ExportError, NonFiniteError, ShortLLMError
+from .retrain_ckpt import checkpoint_dirs, load_checkpoint, model_fingerprint, save_checkpoint
+from .retrain_data import RetrainData, load_retrain_data
+
+__all__ = ["RetrainConfig", "RetrainResult", "RetrainConfigError", "retrain", "save_retrained",
+           "lora_target_modules", "heldout_ppl", "register_cli", "RetrainData", "load_retrain_data"]
+
+_FORMAT = 1
+_DEFAULT_LR = {"lora": 1e-4, "cpt": 5e-5}
+
+
+class RetrainConfigError(ShortLLMError, ValueError):
+    """A retraining option is invalid (unknown method, non-positive steps, ...)."""
+
+
+@dataclass
+class RetrainConfig:
+    """Every knob of a retraining run; JSON-able via `to_dict` / `from_dict`.
+
+    ``lr=None`` means 1e-4 for LoRA (the seed's setting) and 5e-5 for CPT; ``warmup_steps=None`` means
+    5% of ``steps``. The LR rises linearly over the warm-up, then decays to 0 (cosine or linear).
+    ``dtype="bf16"`` runs forward/backward under bf16 autocast with fp32 master weights and optimizer
+    state. ``lora_target_modules=None`` targets every Linear (or GPT-2 Conv1D) inside the decoder blocks:
+    the 7 projections q/k/v/o/gate/up/down on Llama, Mistral, Qwen2/3 and Gemma 1/2/3; qkv/o/gate_up/down
+    on Phi-3; c_attn/c_proj/c_fc on GPT-2; q/k/v/out_proj/fc1/fc2 on OPT; query_key_value/dense/
+    dense_h_to_4h/dense_4h_to_h on GPT-NeoX. A list of leaf names restricts that set.
+    """
+
+    method: str = "lora"
+    steps: int = 100
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    schedule: str = "cosine"
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 128
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    eval_max_examples: int = 64
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    heldout_fraction: float = 0.05
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: Optional[list[str]] = None
+
+    def validate(self) -> "RetrainConfig":
+        def bad(msg: str):
+            raise RetrainConfigError(msg)
+        if self.method not in ("lora", "cpt"):
+            bad(f"Unknown retraining method {self.method!r}; use 'lora' or 'cpt'.")
+        if self.schedule not in ("cosine", "linear"):
+            bad(f"Unknown LR schedule {self.schedule!r}; use 'cosine' or 'linear'.")
+        if self.dtype not in ("fp32", "bf16"):
+            bad(f"Unknown dtype {self.dtype!r}; use 'fp32' or 'bf16'.")
+        for name in ("steps", "micro_batch_size", "grad_accum", "lora_r", "keep_checkpoints"):
+            if int(getattr(self, name)) < 1:
+                bad(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.seq_len < 2:
+            bad(f"seq_len={self.seq_len} must be at least 2.")
+        for name in ("eval_every", "save_every", "eval_max_examples"):
+            if int(getattr(self, name)) < 0:
+                bad(f"{name}={getattr(self, name)} must be >= 0 (0 disables it).")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            bad(f"lr={self.lr} must be a positive finite number.")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
+            bad(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}].")
+        if not 0.0 <= self.lora_dropout < 1.0 or not 0.0 <= self.heldout_fraction < 1.0:
+            bad("lora_dropout and heldout_fraction must be in [0, 1).")
+        return self
+
+    @property
+    def resolved_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else _DEFAULT_LR[self.method]
+
+    @property
+    def resolved_warmup(self) -> int:
+        return int(self.warmup_steps) if self.warmup_steps is not None else int(math.ceil(0.05 * self.steps))
+
+    def lr_at(self, step: int) -> float:
+        """LR of optimizer step ``step`` (0-based): linear warm-up, then cosine/linear decay towards 0."""
+        w, base = self.resolved_warmup, self.resolved_lr
+        if step < w:
+            return base * (step + 1) / w
+        progress = (step - w) / max(1, self.steps - w)
+        mult = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1.0 - progress
+        return base * mult
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RetrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise RetrainConfigError(f"Unknown RetrainConfig field(s) {sorted(unknown)}; valid: {sorted(known)}.")
+        return cls(**d).validate()
+
+
+@dataclass
+class RetrainResult:
+    """What a run did. ``model`` is the trained stock transformers model (LoRA merged), not serialised."""
+
+    method: str
+    steps_done: int
+    completed: bool
+    tokens_seen: int
+    target_tokens: int
+    losses: list[float]
+    ppl_before: float
+    ppl_after: Optional[float]
+    eval_history: list[tuple[int, float]] = field(default_factory=list)
+    wall_s: float = 0.0
+    config: dict = field(default_factory=dict)
+    model: Any = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        d["eval_history"] = [list(x) for x in self.eval_history]
+        return d
+
+
+# ---------------------------------------------------------------- model helpers
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    try:
+        from .arch import get_adapter
+        return get_adapter(model).blocks()
+    except ShortLLMError:
+        n = getattr(model.config, "num_hidden_layers", None)
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+        if not lists:
+            raise
+        return lists[0]
+
+
+def _is_projection(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def lora_target_modules(model: nn.Module, leaves: Optional[list[str]] = None) -> list[str]:
+    """Full names of the Linear/Conv1D modules inside the decoder blocks (filtered by leaf name)."""
+    blocks = _blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    names = [n for n, m in model.named_modules() if n.startswith(prefix + ".") and _is_projection(m)]
+    if leaves is not None:
+        found = {n.rsplit(".", 1)[-1] for n in names}
+        missing = sorted(set(leaves) - found)
+        if missing:
+            raise RetrainConfigError(f"LoRA target(s) {missing} are not Linear modules in the blocks of this "
+                                     f"model; available: {sorted(found)}.")
+        names = [n for n in names if n.rsplit(".", 1)[-1] in set(leaves)]
+    if not names:
+        raise RetrainConfigError("No Linear module found inside the decoder blocks; pass lora_target_modules.")
+    return names
+
+
+def _collate(examples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int, device) -> dict:
+    n = max(int(e[0].numel()) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : x.numel()], labels[i, : y.numel()], mask[i, : x.numel()] = x, y, 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def _n_targets(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != -100).sum())
+
+
+def _nll_sum(model: nn.Module, batch: dict, autocast_dtype) -> torch.Tensor:
+    dev = batch["input_ids"].device.type
+    with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = logits[:, :-1].float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+
+
+@torch.no_grad()
+def heldout_ppl(model: nn.Module, examples: list, batch_size: int = 4, pad_id: int = 0,
+                autocast_dtype: Optional[torch.dtype] = None) -> float:
+    """exp(mean NLL over every labelled, predicted token of ``examples``)."""
+    if not examples:
+        raise DataError("No held-out example to evaluate; raise heldout_fraction above 0.")
+    was_training, dev = model.training, next(model.parameters()).device
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = _collate(examples[i: i + batch_size], pad_id, dev)
+        total += float(_nll_sum(model, batch, autocast_dtype))
+        n += _n_targets(batch["labels"])
+    model.train(was_training)
+    if n == 0:
+        raise DataError("The held-out examples have no labelled token to predict.")
+    return math.exp(total / n)
+
+
+def _step_examples(data: RetrainData, cfg: RetrainConfig, step: int) -> list[list]:
+    # Sample positions of step s are [s*B, (s+1)*B) in an endless stream of seeded per-epoch permutations.
+    n, per_step = len(data.train), cfg.micro_batch_size * cfg.grad_accum
+    out, perms = [], {}
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch = pos // n
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            perms[epoch] = torch.randperm(n, generator=g).tolist()
+        out.append(data.train[perms[epoch][pos % n]])
+    return [out[i: i + cfg.micro_batch_size] for i in range(0, per_step, cfg.micro_batch_size)]
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed gradient_* to activation_* (the old names warn); accept both
+    name = "is_activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    new = hasattr(model, "activation_checkpointing_enable")
+    if on and new:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, dev: torch.device):
+    """A private RNG scope seeded with ``seed``; the caller's CPU (and this CUDA device's) state is restored."""
+    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+# ---------------------------------------------------------------- training
+def _prepare_out_dir(out_dir: Optional[str | os.PathLike], resume: bool) -> Optional[Path]:
+    if out_dir is None:
+        if resume:
+            raise CheckpointError("resume=True needs out_dir (the folder holding checkpoints/).")
+        return None
+    root = Path(out_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ExportError(f"Output path {root} is a file; pass a folder path for the run.")
+    if root.exists() and not resume and any(root.iterdir()):
+        raise ExportError(f"Output folder {root} already exists and is not empty; pass resume=True (CLI: "
+                          "--resume) to continue that run, or choose a new folder.")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _wrap_lora(model: nn.Module, cfg: RetrainConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model, cfg.lora_target_modules)
+    conv1d = any(type(model.get_submodule(t)).__name__ == "Conv1D" for t in targets)
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=targets, fan_in_fan_out=conv1d, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft still calls transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lcfg)
+
+
+def retrain(model: nn.Module, tokenizer, data: RetrainData | str | os.PathLike,
+            config: Optional[RetrainConfig] = None, out_dir: Optional[str | os.PathLike] = None,
+            resume: bool = False, progress: bool = True, stop_after: Optional[int] = None,
+            data_dir: Optional[str | os.PathLike] = None) -> RetrainResult:
+    """Train ``model`` in place (LoRA: merged back into plain weights at the end) and return a `RetrainResult`.
+
+    ``data``: prepared `RetrainData`, or a spec for `load_retrain_data` (corpus name, file, folder).
+    ``out_dir``: where checkpoints go (every ``save_every`` steps and at the end); it must be new or
+    empty unless ``resume=True``, which continues from its newest checkpoint (or starts fresh if it has
+    none). Resume needs the same starting model (checked by fingerprint), data and config.
+    ``stop_after``: leave after this many optimizer steps in this call (a checkpoint is written if
+    ``out_dir`` is set), for time-sliced jobs; ``result.completed`` tells whether all steps ran.
+    """
+    cfg = (config or RetrainConfig()).validate()
+    if not isinstance(data, RetrainData):
+        data = load_retrain_data(data, tokenizer, cfg.seq_len, cfg.heldout_fraction, data_dir)
+    if not data.train:
+        raise DataError("The training split is empty; give more data.")
+    root = _prepare_out_dir(out_dir, resume)
+    t0 = time.perf_counter()
+    pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                   if t is not None), 0)
+    autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        model.float()  # fp32 master weights; bf16 is an autocast compute dtype here
+    dev = next(model.parameters()).device
+    heldout = data.heldout[: cfg.eval_max_examples] if cfg.eval_max_examples else data.heldout
+    identity = {"format": _FORMAT, "config": cfg.to_dict(), "data": data.fingerprint(), "model": model_fingerprint(model)}
+
+    ckpts = checkpoint_dirs(root) if (root is not None and resume) else []
+    ppl_before = heldout_ppl(model, heldout, cfg.micro_batch_size, pad_id, autocast) if heldout and not ckpts else None
+    if cfg.method == "lora":
+        with _seeded(cfg.seed, dev):  # LoRA A-matrix init is random: make it a function of the seed
+            train_model = _wrap_lora(model, cfg)
+    else:
+        train_model = model
+    was_gc = _checkpointing(model)
+    if cfg.gradient_checkpointing:
+        _set_checkpointing(model, True)
+    params = {n: p for n, p in train_model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.resolved_lr, weight_decay=cfg.weight_decay,
+                            foreach=False)
+    step, tokens, targets, losses, history = 0, 0, 0, [], []
+    completed = ok = False
+    try:
+        if ckpts:
+            state = load_checkpoint(ckpts[-1], params, opt, expect=identity)
+            step, tokens, targets = state["step"], state["tokens_seen"], state["target_tokens"]
+            losses, history, ppl_before = state["losses"], [tuple(x) for x in state["eval_history"]], state["ppl_before"]
+        train_model.train()
+        stop_at = cfg.steps if stop_after is None else min(cfg.steps, step + max(0, int(stop_after)))
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"retrain[{cfg.method}]", disable=not progress, unit="step")
+        while step < stop_at:
+            micro = [_collate(m, pad_id, dev) for m in _step_examples(data, cfg, step)]
+            n_tok = sum(_n_targets(b["labels"]) for b in micro)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr_at(step)
+            loss_sum = 0.0
+            with _seeded(cfg.seed * 1_000_003 + 7919 * step + 1, dev):
+                for b in micro:  # normalise by the step's token count: accumulation == one big batch
+                    loss = _nll_sum(train_model, b, autocast) / max(1, n_tok)
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                    tokens += int(b["attention_mask"].sum())
+            if not math.isfinite(loss_sum):  # before the update, so the weights stay finite
+                raise NonFiniteError(f"Training loss became {loss_sum} at step {step}; lower lr "
+                                     f"(now {cfg.resolved_lr}) or use dtype='fp32'.")
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step, targets = step + 1, targets + n_tok
+            losses.append(loss_sum)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{cfg.lr_at(step - 1):.2e}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and heldout and step < cfg.steps:
+                history.append((step, heldout_ppl(train_model, heldout, cfg.micro_batch_size, pad_id, autocast)))
+                train_model.train()
+            if root is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == stop_at):
+                save_checkpoint(root, step, params, opt, {**identity, "step": step, "tokens_seen": tokens,
+                                 "target_tokens": targets, "losses": losses, "eval_history": history,
+                                 "ppl_before": ppl_before}, cfg.keep_checkpoints)
+        bar.close()
+        completed, ok = step >= cfg.steps, True
+    finally:
+        if cfg.method == "lora":
+            # merge on success/early stop; on an exception only strip the adapters so `model` is unchanged
+            train_model = train_model.merge_and_unload() if ok else train_model.unload()
+        if cfg.gradient_checkpointing and not was_gc:
+            _set_checkpointing(train_model, False)
+        train_model.eval()
+    ppl_after = heldout_ppl(train_model, heldout, cfg.micro_batch_size, pad_id, autocast) if heldout else None
+    if completed and heldout:
+        history.append((step, ppl_after))
+    return RetrainResult(method=cfg.method, steps_done=step, completed=completed, tokens_seen=tokens,
+                         target_tokens=targets, losses=list(losses), ppl_before=ppl_before, ppl_after=ppl_after,
+                         eval_history=history, wall_s=time.perf_counter() - t0, config=cfg.to_dict(),
+                         model=train_model)
+
+
+def save_retrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a plain transformers checkpoint (safetensors; a peft model is merged first) atomically."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    out = Path(out_dir).expanduser()
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass overwrite=True or choose a new folder.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"Could not write {out} ({e}); check free space and permissions.") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+from .retrain_cli import register_cli  # noqa: E402  (re-exported: shortllm.cli calls retrain.register_cli)

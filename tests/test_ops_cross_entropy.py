@@ -1,0 +1,119 @@
+"""Chunked LM-head cross-entropy forward: every backend against the float64 oracle; outputs poisoned."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when first imported: set it before
+
+import pytest
+import torch
+
+from shortllm.ops import _backend, lm_head_nll, lm_head_nll_ref
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+# absolute error allowed per row on nll and lse. The fused backends widen bf16/fp16 operands to
+# float32 before the matmul; the torch reference backend multiplies in the input dtype (bf16 logits).
+ABS_TOL = {
+    "ref": {F32: 2e-4, BF16: 1e-1, F16: 2e-2},
+    "cpu": {F32: 2e-4, BF16: 2e-4, F16: 2e-4},
+    "triton": {F32: 2e-4, BF16: 2e-4, F16: 2e-4},
+}
+
+
+def need_triton(monkeypatch) -> None:
+    pytest.importorskip("triton")
+    import triton.language as tl
+
+    if type(tl.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; export TRITON_INTERPRET=1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(params=["ref", "cpu", "triton"])
+def backend(request, monkeypatch):
+    if request.param == "cpu" and not _backend.available_backends()["cpu"]:
+        pytest.skip("shortllm._cpu not built")
+    if request.param == "triton":
+        need_triton(monkeypatch)
+    monkeypatch.setenv("SHORTLLM_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def poisoned_empty():
+    # deterministic mode makes torch.empty fill float tensors with NaN: any output element the
+    # kernels fail to write shows up as NaN
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    assert torch.utils.deterministic.fill_uninitialized_memory, "test setup: NaN fill must be on"
+    yield
+    torch.use_deterministic_algorithms(prev)
+
+
+def make(n, v, d, dtype, seed, bias=False, ignore=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype)
+    w = (torch.randn(v, d, generator=g) / d**0.5 * 2).to(dtype)
+    b = (torch.randn(v, generator=g) * 0.5).to(dtype) if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    if ignore and n > 2:
+        t[1] = -100
+    return h, w, b, t
+
+
+def fwd(h, w, b, t, softcap, scale, chunk_rows):
+    return torch.ops.shortllm.lm_head_nll_fwd(h, w, b, t, softcap, scale, -100, chunk_rows)
+
+
+def check(backend, h, w, b, t, softcap=0.0, scale=1.0, chunk_rows=0):
+    nll, lse = fwd(h, w, b, t, softcap, scale, chunk_rows)
+    want = lm_head_nll_ref(h, w, t, b, softcap, scale)
+    z = h.double() @ w.double().T + (0 if b is None else b.double())
+    z = z * scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    want_lse = torch.logsumexp(z, -1)
+    tol = ABS_TOL[backend][h.dtype]
+    assert nll.dtype == torch.float32 and nll.shape == (h.shape[0],)
+    assert torch.isfinite(nll).all() and torch.isfinite(lse).all(), "an output element was not written"
+    assert (nll.double() - want).abs().max().item() <= tol, (backend, (nll.double() - want).abs().max())
+    assert (lse.double() - want_lse).abs().max().item() <= tol * (1 + want_lse.abs().max().item() / 10)
+    assert (nll[t == -100] == 0).all(), "ignored rows must have nll 0"
+
+
+CASES = [  # n, v, d, bias, softcap, scale, chunk_rows
+    (1, 50, 1, False, 0.0, 1.0, 0),
+    (3, 1000, 64, True, 0.0, 1.0, 2),
+    (129, 1000, 577, False, 30.0, 1.0, 0),
+    (129, 8200, 64, True, 0.0, 0.5, 50),   # crosses the CPU backend's vocabulary chunk
+    (37, 300, 577, True, 5.0, 2.0, 7),     # soft-cap active (logits up to ~|5|)
+]
+
+
+@pytest.mark.parametrize("dtype", (F32, BF16, F16), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("n,v,d,bias,softcap,scale,chunk", CASES, ids=lambda x: str(x))
+def test_matches_ref(backend, poisoned_empty, n, v, d, bias, softcap, scale, chunk, dtype):
+    if backend == "triton" and v > 2000:
+        v = 1500  # interpreter: bound the number of tiles
+    h, w, b, t = make(n, v, d, dtype, seed=n + v + d, bias=bias)
+    check(backend, h, w, b, t, softcap, scale, chunk)
+
+
+def test_all_rows_ignored(backend, poisoned_empty):
+    h, w, b, t = make(5, 100, 16, F32, seed=1)
+    t[:] = -100
+    nll, lse = fwd(h, w, b, t, 0.0, 1.0, 0)
+    assert (nll == 0).all() and torch.isfinite(lse).all()
+
+
+def test_gradients_through_fused_forward(backend):
+    # backward is the chunked torch recomputation; it consumes the fused forward's lse
+    h, w, b, t = make(17, 200, 32, F32, seed=3, bias=True)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    nll = lm_head_nll(h, w, t, bias=b, softcap=10.0, chunk_rows=5)
+    nll.sum().backward()
+    hd, wd = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    lm_head_nll_ref(hd, wd, t, b.double(), 10.0).sum().backward()
+    assert torch.allclose(h.grad.double(), hd.grad, atol=1e-5), (h.grad.double() - hd.grad).abs().max()
+    assert torch.allclose(w.grad.double(), wd.grad, atol=1e-5), (w.grad.double() - wd.grad).abs().max()

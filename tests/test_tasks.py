@@ -1,0 +1,163 @@
+"""Task readers (lm-eval 0.4 prompts on the real files) and scoring on hand-built items with known answers."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+from eval_helpers import make_bpe_tokenizer, make_unigram_gpt2
+
+from shortllm import evaluate as ev
+from shortllm import tasks as T
+from shortllm.errors import DataError
+
+
+# ------------------------------------------------------------------ real files: lm-eval templates
+def test_real_items_follow_lm_eval_templates(data_dir):
+    first = {t: T.load_task(t, data_dir, limit=1)[0] for t in T.TASKS}
+    b = first["boolq"]
+    assert b.contexts[0].startswith("All biomass goes through") and not b.contexts[0].startswith("Passage:")
+    assert b.contexts[0].endswith("gasoline.\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
+    assert b.continuations == (" no", " yes") and b.choices == ("no", "yes") and b.gold == 0
+    p = first["piqa"]
+    assert p.contexts == ("Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:",) * 2
+    assert p.continuations[0].startswith(" Provide the guinea pig") and p.gold == 0
+    w = first["winogrande"]
+    assert w.contexts == ("Sarah was a much better surgeon than Maria so Sarah",
+                          "Sarah was a much better surgeon than Maria so Maria")
+    assert w.continuations == (" always got the easier cases.",) * 2 and w.gold == 1
+    a = first["arc_easy"]
+    assert a.contexts[0] == ("Question: Which statement best explains why photosynthesis is the foundation of most "
+                             "food webs?\nAnswer:")
+    assert a.continuations[0] == " Sunlight is the source of energy for nearly all ecosystems." and a.gold == 0
+    assert first["arc_challenge"].contexts[0].startswith("Question: An astronomer observes")
+    assert first["arc_challenge"].contexts[0].endswith("?\nAnswer:") and first["arc_challenge"].gold == 2
+    h = first["hellaswag"]
+    assert h.contexts[0] == "Roof shingle removal: A man is sitting on a roof. He"  # ctx_b capitalised
+    assert h.continuations == (" is using wrap to wrap a pair of skis.", " is ripping level tiles off.",
+                               " is holding a rubik's cube.", " starts pulling up roofing on a roof.")
+    assert h.choices[3] == "starts pulling up roofing on a roof." and h.gold == 3
+    o = first["openbookqa"]
+    assert o.contexts[0].startswith("A person wants to start saving money") and o.contexts[0].endswith("money is to")
+    assert o.continuations[1] == " quit eating lunch out" and o.gold == 1
+
+
+def test_full_counts_match_official_splits(data_dir):
+    for name, spec in T.TASKS.items():
+        items = T.load_task(name, data_dir)
+        assert len(items) == spec.expected, name
+        assert all(len(set(it.continuations)) == 1 for it in items) == (name == "winogrande")
+
+
+def test_hellaswag_preprocess_and_capitalisation():
+    assert T.hellaswag_preprocess(" How to x [title] Do it. [step] Now  go ") == "How to x. Do it. Now go"
+    assert T._hellaswag_query("Clean and jerk: A lady walks. She grabs the pole. the lady") == \
+        "Clean and jerk: A lady walks. She grabs the pole. The lady"
+    assert T._hellaswag_query("Home: Wash the dish. dry it.") == "Home: Wash the dish. dry it."  # complete: untouched
+
+
+def test_missing_files_and_bad_args(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="Missing task file"):
+        T.load_task("piqa", tmp_path)
+    with pytest.raises(DataError, match="Unknown task"):
+        T.load_task("mmlu", tmp_path)
+    monkeypatch.delenv("SHORTLLM_DATA", raising=False)
+    with pytest.raises(DataError, match="SHORTLLM_DATA"):
+        T.load_task("boolq")
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "valid.jsonl").write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}) + "\n")
+    (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n1\n")
+    with pytest.raises(DataError, match="labels"):
+        T.load_task("piqa", tmp_path)
+
+
+# ------------------------------------------------------------------ hand-built items, known answers
+WORD = {"good": -1.0, "bad": -5.0, "yes": -1.0, "no": -3.0}
+
+
+def fake_loglik(model, tok, requests, **kw):
+    """Word-score log-likelihood: last word of the context + every continuation word (default -2)."""
+    out = []
+    for ctx, cont in requests:
+        words = ctx.split()[-1:] + cont.split()
+        out.append(sum(WORD.get(w.strip(".?"), -2.0) for w in words))
+    return out
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+# Item 1: "bad" (-5, 3 chars) vs five "good"s (-5, 24 chars): acc ties -> first choice (wrong),
+# acc_norm picks the long one (right). Item 2 is right under both metrics.
+MC = [{"query": "Question: which?", "choices": ["bad", "good good good good good"], "gold": 1},
+      {"query": "Question: which?", "choices": ["bad thing", "good", "bad"], "gold": 1}]
+
+
+@pytest.fixture
+def hand_data(tmp_path):
+    d = tmp_path
+    _jsonl(d / "boolq/boolq.jsonl.gz", [{"query": "Passage: p\nQuestion: q?", "choices": ["no", "yes"], "gold": g}
+                                        for g in (1, 0, 1)])
+    _jsonl(d / "piqa/valid.jsonl", [{"goal": "g", "sol1": "good", "sol2": "bad"}, {"goal": "g", "sol1": "bad x", "sol2": "good"}])
+    (d / "piqa/valid-labels.lst").write_text("0\n0\n")
+    _jsonl(d / "winogrande/winogrande.jsonl", [
+        {"context_options": ["It was so good", "It was so bad"], "continuation": "went home.", "gold": 0},
+        {"context_options": ["It was so good", "It was so bad"], "continuation": "went home.", "gold": 1}])
+    _jsonl(d / "arc/arc_easy.jsonl", MC)
+    _jsonl(d / "arc/arc_challenge.jsonl", MC)
+    _jsonl(d / "openbookqa/openbook_qa.jsonl", [dict(m, query="which is") for m in MC])
+    hs = []
+    for m in MC:
+        ends = (m["choices"] + ["bad bad", "bad bad bad"])[:4]
+        hs += ["Label: a thing happens. the man", str(m["gold"])] + ends
+    d.joinpath("hellaswag").mkdir()
+    (d / "hellaswag/hellaswag_val_full.txt.gz").write_bytes(gzip.compress(("\n".join(hs) + "\n").encode()))
+    return d
+
+
+EXPECTED = {  # task: (acc, acc_norm)
+    "boolq": (2 / 3, 2 / 3), "piqa": (1 / 2, 1 / 2), "winogrande": (1 / 2, 1 / 2),
+    "arc_easy": (1 / 2, 1.0), "arc_challenge": (1 / 2, 1.0), "openbookqa": (1 / 2, 1.0), "hellaswag": (1 / 2, 1.0),
+}
+
+
+def test_each_task_scores_known_answers(hand_data, monkeypatch):
+    monkeypatch.setattr(ev, "loglikelihoods", fake_loglik)
+    res = ev.zeroshot(None, None, list(T.TASKS), data_dir=hand_data, progress=False, return_details=True)
+    for name, (acc, acc_norm) in EXPECTED.items():
+        t = res.tasks[name]
+        assert (t["acc"], t["acc_norm"]) == pytest.approx((acc, acc_norm)), name
+        assert t["score"] == (t["acc"] if T.TASKS[name].metric == "acc" else t["acc_norm"])
+    assert res.tasks["arc_challenge"]["details"][0]["pred"] == 0  # tie goes to the first choice
+    assert res.tasks["arc_challenge"]["details"][0]["pred_norm"] == 1  # acc_norm differs where lengths differ
+    expected_mean = (2 / 3 + 1 / 2 + 1 / 2 + 1 / 2 + 1.0 + 1.0 + 1.0) / 7
+    assert res.mean == pytest.approx(expected_mean)
+    lim = ev.zeroshot(None, None, ["boolq"], limit=1, data_dir=hand_data, progress=False)
+    assert lim.tasks["boolq"]["n"] == 1 and lim.settings["limit"] == 1
+
+
+def test_score_items_tie_and_norm():
+    items = [T.MCItem(("c",) * 2, (" ab", " abcd"), ("ab", "abcd"), 1)]
+    r = T.score_items(items, [-2.0, -2.0], "acc_norm", return_details=True)
+    assert r.acc == 0.0 and r.acc_norm == 1.0 and r.score == 1.0 and r.details[0]["pred"] == 0
+    with pytest.raises(DataError, match="malformed"):
+        T.MCItem(("c",), (" a", " b"), ("a", "b"), 0)
+
+
+def test_unigram_model_prefers_the_likely_continuation(hand_data):
+    """End to end with a real forward: a model that puts all its mass on ' good' answers 'good'."""
+    tok = make_bpe_tokenizer()
+    good = ev.encode_pair(tok, "Question: which?\nAnswer:", " good")[1]
+    logits = torch.full((128,), -8.0, dtype=torch.float64)
+    logits[good] = 8.0
+    model = make_unigram_gpt2(logits)
+    res = ev.zeroshot(model, tok, ["arc_easy", "piqa"], data_dir=hand_data, progress=False, return_details=True)
+    d = res.tasks["arc_easy"]["details"]
+    assert d[1]["pred"] == 1 and d[1]["pred_norm"] == 1  # "good" among "bad thing"/"good"/"bad"
+    assert [x["pred"] for x in res.tasks["piqa"]["details"]] == [0, 1]  # the "good" solution each time
+    logp = logits.log_softmax(-1)
+    assert d[1]["lls"][1] == pytest.approx(sum(logp[t].item() for t in good), rel=1e-9)
