@@ -87,7 +87,7 @@ def _extensions():
             "shortllm._cpu",
             sources=[f"{CSRC}/cpu/kernels.cpp", f"{CSRC}/cpu/bindings.cpp"],
             # 512-bit vectors in the x86-64-v4 clone (GCC defaults to 256 there)
-            extra_compile_args=host_flags + ["-fopenmp", "-mprefer-vector-width=512"]
+            extra_compile_args=host_flags + ["-fopenmp", "-mprefer-vector-width=512", "-Wno-psabi"]
             if _is_x86() else host_flags + ["-fopenmp"],
             extra_link_args=["-fopenmp"],
             **common,

@@ -19,6 +19,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("bi", "angular", "taylor", "mag")
+NOTE = ("Notes: the time is `score_fast` alone (imports and model load excluded). On an oversubscribed shared "
+        "machine an OpenMP team of 2 threads loses much of its time at barriers waiting for a descheduled thread, "
+        "while 2 single-threaded ranks synchronise once (the final all-reduce), so a high load average favours the "
+        "ranks; on dedicated cores expect the two to be closer, ranks ahead when per-batch work is small and "
+        "threads ahead when memory is the limit (each rank holds its own copy of the model).")
 
 
 def worker(args) -> None:
@@ -111,7 +116,7 @@ def main() -> None:
         md.append(f"| {name} | {min(r['times']):.2f} | {', '.join(f'{t:.2f}' for t in r['times'])} | {r['wall']:.1f} |")
     md += ["", f"Speed-up of 2 ranks over 2 threads: {t1 / t2:.2f}x. Max relative difference of the per-block "
                f"scores between the two: {rel:.1e} (float64 sums over shards re-associate; Taylor's exact mode also "
-               "sums fp32 gradients per shard first).", ""]
+               "sums fp32 gradients per shard first).", "", NOTE, ""]
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "distributed.md").write_text("\n".join(md))
     (HERE / "results" / "distributed.json").write_text(json.dumps({"one_rank_two_threads": one,

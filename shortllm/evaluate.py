@@ -34,15 +34,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .errors import DataError, ShortLLMError, UnsupportedModelError
+from .errors import DataError, UnsupportedModelError
 from .ops import lm_head_nll
-from .tasks import DEFAULT_TASKS, MCItem, TaskResult, load_task, score_items, task_spec
+from .tasks import DEFAULT_TASKS, TaskResult, load_task, score_items, task_spec
 
 __all__ = ["PerplexityResult", "TaskResult", "ZeroShotResult", "perplexity", "zeroshot", "loglikelihoods",
            "encode_pair", "head_hidden", "register_cli"]
 
 PROTOCOLS = {
-    # default seq_len, row join per corpus, extra row/chunk caps (GPTQ's c4_new)
+    # default seq_len and the row join per corpus (GPTQ: PTB and C4 are " "-joined)
     "llm-pruner": {"seq_len": 128, "join": {"wikitext2": "\n\n", "ptb": "\n\n", "c4": "\n\n"}},
     "gptq": {"seq_len": 2048, "join": {"wikitext2": "\n\n", "ptb": " ", "c4": " "}},
 }

@@ -286,6 +286,7 @@ class BlockLoader:
         for name, p in list(module.named_parameters(recurse=recurse, remove_duplicate=False)):
             _set_param(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
                                                   requires_grad=False))
+        release_freed_memory()
 
     def fingerprint(self) -> str:
         """`scores.weights_fingerprint` of the loaded model, from the samples taken as tensors were read."""
@@ -299,6 +300,25 @@ class BlockLoader:
             if name in self.samples:
                 h.update(self.samples[name])
         return h.hexdigest()[:32]
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise): a freed block's weights must not
+    raise the peak RSS of the next one through fragmentation. No-op where glibc is absent."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _renamed_keys(model: nn.Module, reader: CheckpointReader) -> dict[str, str]:

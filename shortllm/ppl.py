@@ -29,8 +29,11 @@ from .replay import BlockCall, capture_calls, layers_removed, run_blocks
 _F64_ROWS = 256  # row chunk of the float64 head (only used for float64 models)
 _CHUNK_ELEMS = 1 << 24  # float32 logits per row chunk of the "torch" head: 64 MB
 # "op": shortllm.ops.lm_head_nll (the dispatched fused op: Triton/CUDA/C++ kernels);
-# "torch": row chunks of F.linear + F.cross_entropy (same definition; forward only)
-HEAD_IMPLS = ("op", "torch")
+# "torch": row chunks of F.linear + F.cross_entropy (same definition; forward only);
+# "auto": the op on CUDA; "torch" elsewhere: on CPU the GEMM + ATen log_softmax is faster than the
+# op's current CPU kernels (measured: ~0.14 s vs ~0.21 s per 127 x 49,152 head), and the ppl metric
+# runs one head per candidate, so the head's speed sets the prefix-reuse ratio (benchmarks/results/ppl.md).
+HEAD_IMPLS = ("auto", "op", "torch")
 
 
 class HeadLoss:
@@ -39,7 +42,7 @@ class HeadLoss:
     Only the rows whose next token is valid go through the norm and the head (norms are per token).
     """
 
-    def __init__(self, adapter: Adapter, input_ids: Tensor, attention_mask: Optional[Tensor], impl: str = "op"):
+    def __init__(self, adapter: Adapter, input_ids: Tensor, attention_mask: Optional[Tensor], impl: str = "auto"):
         if impl not in HEAD_IMPLS:
             from .errors import MetricError
             raise MetricError(f"ppl head implementation must be one of {HEAD_IMPLS}, got {impl!r}")
@@ -66,7 +69,7 @@ class HeadLoss:
                 total += float(lm_head_nll_ref(x[s:s + _F64_ROWS], hp["weight"], self.targets[s:s + _F64_ROWS],
                                                bias=hp["bias"], softcap=hp["softcap"], scale=hp["scale"]).sum())
             return total
-        if self.impl == "torch":
+        if self.impl == "torch" or (self.impl == "auto" and x.device.type != "cuda"):
             return _torch_head_nll_sum(x, hp, self.targets)
         nll = lm_head_nll(x, hp["weight"], self.targets, bias=hp["bias"], softcap=hp["softcap"], scale=hp["scale"])
         return float(nll.sum(dtype=torch.float64))
@@ -96,7 +99,7 @@ class PPLCollector(Collector):
 
     metrics = ("ppl",)
 
-    def __init__(self, num_layers: int, device: torch.device, ppl_head: str = "op", **options):
+    def __init__(self, num_layers: int, device: torch.device, ppl_head: str = "auto", **options):
         from .errors import MetricError
         if options:
             raise MetricError(f"unknown ppl option(s) {sorted(options)}; the ppl metric takes ppl_head= "
@@ -104,8 +107,9 @@ class PPLCollector(Collector):
         if ppl_head not in HEAD_IMPLS:
             raise MetricError(f"ppl_head must be one of {HEAD_IMPLS}, got {ppl_head!r}")
         self.L, self.head_impl = num_layers, ppl_head
-        self.nll = torch.zeros(num_layers, dtype=torch.float64)
-        self.count = torch.zeros(1, dtype=torch.float64)
+        # on the model's device like the other collectors' sums (data-parallel all-reduce)
+        self.nll = torch.zeros(num_layers, dtype=torch.float64, device=device)
+        self.count = torch.zeros(1, dtype=torch.float64, device=device)
         self.calls: Optional[list[BlockCall]] = None
         self.loss: Optional[HeadLoss] = None
         self.bar = None
@@ -138,7 +142,7 @@ class PPLCollector(Collector):
         if float(self.count) == 0:
             raise EmptyLoaderError("no token had a valid next token to predict; the ppl metric needs sequences "
                                    "of at least 2 valid tokens (use seq_len >= 2)")
-        return {"ppl": torch.exp(self.nll / self.count)}
+        return {"ppl": torch.exp(self.nll / self.count).cpu()}
 
     def accumulators(self) -> list[Tensor]:
         return [self.nll, self.count]

@@ -286,8 +286,7 @@ def _prepare_out_dir(out_dir: Optional[str | os.PathLike], resume: bool) -> Opti
     if root.exists() and not resume and any(root.iterdir()):
         raise ExportError(f"Output folder {root} already exists and is not empty; pass resume=True (CLI: "
                           "--resume) to continue that run, or choose a new folder.")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return root  # created by the first checkpoint, so a run that fails early leaves nothing behind
 
 
 def _wrap_lora(model: nn.Module, cfg: RetrainConfig) -> nn.Module:

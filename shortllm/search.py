@@ -79,11 +79,11 @@ def _key(c: Candidate) -> str:
 def candidate_nll(model: nn.Module, adapter: Adapter, batches: Sequence[dict], *, removed_blocks: Iterable[int] = (),
                   removed_branches: Iterable[Candidate] = (), candidates: Sequence[Candidate] = (),
                   want_base: bool = False, progress: bool = False, desc: str = "",
-                  head: str = "op") -> tuple[Tensor, float, int]:
+                  head: str = "auto") -> tuple[Tensor, float, int]:
     """Summed token NLL (float64) of every candidate removal on top of the current removals.
 
     Returns (nll [len(candidates)], base_nll (of the current model; NaN unless `want_base`), n_tokens).
-    `head`: "op" (shortllm.ops.lm_head_nll) or "torch" (row-chunked F.cross_entropy), see `ppl.HeadLoss`.
+    `head`: "auto", "op" (shortllm.ops.lm_head_nll) or "torch" (row-chunked F.cross_entropy), see `ppl.HeadLoss`.
     """
     blocks = adapter.blocks()
     L = len(blocks)
@@ -115,7 +115,8 @@ def candidate_nll(model: nn.Module, adapter: Adapter, batches: Sequence[dict], *
                             x = calls[i].run(blocks[i], h)
                     x = run_blocks(blocks, calls, x, live[pos + 1:])
                     nll[ci] += loss.nll_sum(x)
-                h = calls[i].run(blocks[i], h)
+                if want_base or pos < stop - 1:  # no later candidate needs the walk past the last one
+                    h = calls[i].run(blocks[i], h)
                 bar.update(1)
             if want_base:
                 base += loss.nll_sum(h)
@@ -188,7 +189,7 @@ def _greedy(model, adapter, batches, method: str, pool: list[Candidate], n_remov
 
 def iterative(model: nn.Module, data: Iterable[dict], n_remove: int, protect: Sequence[int] = (0, 0), *,
               keep: Iterable[int] = (), adapter: Optional[Adapter] = None, progress: bool = True,
-              head: str = "op") -> SearchResult:
+              head: str = "auto") -> SearchResult:
     """SLEB: remove `n_remove` blocks one at a time, each the argmin-PPL block given the removals so far.
 
     protect=(k, m): the first k and last m blocks are never removed; `keep`: more block indices never removed.
@@ -210,7 +211,7 @@ def iterative(model: nn.Module, data: Iterable[dict], n_remove: int, protect: Se
 
 def subblock(model: nn.Module, data: Iterable[dict], n_remove: int, protect: Sequence[int] = (0, 0), *,
              keep: Iterable[int] = (), adapter: Optional[Adapter] = None, progress: bool = True,
-             head: str = "op") -> SearchResult:
+             head: str = "auto") -> SearchResult:
     """BlockPruner: remove `n_remove` attention/MLP branches greedily by PPL; `result.plan` lists the
     (kind, block) pairs in removal order. Protection as in `iterative` (covers both branches of a block)."""
     adapter, batches = _prepare(model, data, adapter)
@@ -241,10 +242,20 @@ def _cli(args: argparse.Namespace) -> int:
              head=args.head)
     res.meta.update({"model": model_id(model), "data": getattr(data, "description", None),
                      "data_fingerprint": getattr(data, "fingerprint", None)})
-    res.save(args.output)
+    plan = to_plan(res, model)
+    plan.save(args.output)
     print(f"{args.method}: removed {[_key(c) for c in res.plan]}; PPL {res.base_ppl:.3f} -> "
-          f"{res.ppl_after_each_step[-1]:.3f}; wrote {args.output}")
+          f"{res.ppl_after_each_step[-1]:.3f}; wrote the plan to {args.output} (`shortllm prune` reads it)")
     return 0
+
+
+def to_plan(result: SearchResult, model: nn.Module):
+    """A `shortllm.plan.Plan` (what `shortllm prune` applies) with the search record in `scores_meta["search"]`."""
+    from .plan import plan_from_search
+
+    plan = plan_from_search(result, model)
+    plan.scores_meta = {**(plan.scores_meta or {}), "search": result.to_dict()}
+    return plan
 
 
 def register_cli(subparsers) -> argparse.ArgumentParser:
@@ -260,8 +271,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--protect-first", type=int, default=0, help="never remove the first k blocks")
     p.add_argument("--protect-last", type=int, default=0, help="never remove the last m blocks")
-    p.add_argument("--head", choices=("op", "torch"), default="op",
-                   help="LM-head loss: the fused chunked op (default) or row-chunked F.cross_entropy")
+    p.add_argument("--head", choices=("auto", "op", "torch"), default="auto",
+                   help="LM-head loss: the fused chunked op, row-chunked F.cross_entropy, or auto (op on CUDA)")
     p.add_argument("-o", "--output", required=True, help="where to write the result JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cli)

@@ -196,8 +196,7 @@ API = [
 ]
 
 
-@pytest.mark.parametrize("what, call, exc, match", API, ids=[a[0] for a in API])
-def test_api_bad_input(env, what, call, exc, match):
+def _check_api(env, what, call, exc, match):
     with pytest.raises(exc, match=match) as info:
         call(env)
     msg = str(info.value)
@@ -263,8 +262,7 @@ def cli_env(env):
     return env
 
 
-@pytest.mark.parametrize("what, argv, match", CLI, ids=[c[0] for c in CLI])
-def test_cli_bad_input(cli_env, capsys, what, argv, match):
+def _check_cli(cli_env, capsys, what, argv, match):
     from shortllm.cli import main
 
     out = cli_env.tmp / f"cli_out_{abs(hash(what))}"
@@ -282,8 +280,26 @@ def test_cli_bad_input(cli_env, capsys, what, argv, match):
 
     assert re.search(match, lines[0]), f"{what}: {lines[0]!r} does not match {match!r}"
     assert any(w in lines[0].lower() for w in FIX_WORDS), f"{what}: no fix in {lines[0]!r}"
-    leftovers = [p.name for p in cli_env.tmp.iterdir() if p.name.startswith(out.name)]
+    leftovers = [p.name for p in cli_env.tmp.iterdir() if p.name.lstrip(".").startswith(out.name)]
     assert not leftovers, f"{what}: partial output left behind: {leftovers}"
+
+
+# the catalog: one table, API rows (typed exception + fix in the message) and CLI rows (exit 2, one line,
+# no traceback, no partial output)
+CATALOG = ([pytest.param("api", what, call, exc, match, id=f"api: {what}") for what, call, exc, match in API]
+           + [pytest.param("cli", what, argv, None, match, id=f"cli: {what}") for what, argv, match in CLI])
+
+
+@pytest.mark.parametrize("kind, what, call, exc, match", CATALOG)
+def test_bad_input(request, env, kind, what, call, exc, match):
+    if kind == "api":
+        _check_api(env, what, call, exc, match)
+    else:
+        _check_cli(request.getfixturevalue("cli_env"), request.getfixturevalue("capsys"), what, call, match)
+
+
+def test_catalog_size():
+    assert len(CATALOG) >= 25
 
 
 def test_cli_debug_shows_the_traceback(cli_env):

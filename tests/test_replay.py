@@ -23,7 +23,7 @@ def _last_block_output(model, batch):
     return out[0]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text", "gpt2", "opt", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "gpt2", "gpt_neox"])
 def test_replay_reproduces_forward(arch):
     model = make_tiny(arch, num_layers=3, seed=2)
     batch = random_batch(3, 19, seed=4)  # right-padded rows of different lengths; 19 > sliding window 8

@@ -289,7 +289,11 @@ def test_errors_are_typed(tok, toy, tmp_path):
     model = make_tiny("llama")
     before = state(model)
     with pytest.raises(RetrainConfigError):
-        retrain(model, tok, toy, cfg(lora_target_modules=["nope"]), progress=False)
+        retrain(model, tok, toy, cfg(lora_target_modules=["nope"]), out_dir=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists(), "a run failing before its first checkpoint leaves no folder"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExportError, match="is a file"):
+        retrain(make_tiny("llama"), tok, toy, cfg(), out_dir=tmp_path / "afile", progress=False)
     assert all(torch.equal(before[k], v) for k, v in state(model).items())
     assert not any("lora" in n for n, _ in model.named_modules()), "a failed run leaves no adapter behind"
 
@@ -330,6 +334,10 @@ def test_cli_retrain(tok, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "model")).config.num_hidden_layers == 4
     with pytest.raises(ExportError):
         args.func(parser.parse_args(argv))
+    with pytest.raises(DataError, match="Unknown corpus"):
+        bad = parser.parse_args(argv[:5] + ["nope"] + argv[6:9] + [str(tmp_path / "out2")] + argv[10:])
+        bad.func(bad)
+    assert not (tmp_path / "out2").exists(), "a failed run leaves no output folder"
     args = parser.parse_args(argv + ["--resume"])
     assert args.func(args) == 0  # already finished: reloads the last checkpoint and re-exports
 

@@ -118,6 +118,11 @@ def test_result_json_and_cli_parser(tmp_path):
     assert [tuple(x) for x in d["order"]] == res.plan and not list(tmp_path.glob(".*tmp"))
     # greedy PPL never goes below the best candidate of its round
     assert d["ppl_after_each_step"][0] == min(d["candidate_ppl"][0].values())
+    from shortllm.search import to_plan
+
+    plan = to_plan(res, model)
+    assert plan.removed_branches == sorted(res.plan) or set(plan.removed) == {b for _, b in res.plan}
+    assert plan.scores_meta["search"]["order"] == d["order"]
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["search", "m", "--method", "subblock", "--remove", "2", "-o", "x.json"])
@@ -137,8 +142,12 @@ def test_search_cli_real_model(smollm2, data_dir, tmp_path):
     args = parser.parse_args(["search", "smollm2-135m", "--remove", "1", "--samples", "1", "--seq-len", "32",
                               "--protect-first", "1", "-q", "-o", str(out)])
     assert args.func(args) == 0
-    d = json.loads(out.read_text())
+    from shortllm.plan import Plan
+
     model, tok = smollm2
+    plan = Plan.load(out, model)  # a plan `shortllm prune` accepts, for this very model
+    d = plan.scores_meta["search"]
+    assert plan.removed == d["order"] and plan.metric == "ppl-iterative"
     data = calibration_loader("wikitext2", tok, n_samples=1, seq_len=32)
     ppl = score_fast(model, data, metrics=("ppl",), progress=False).values["ppl"]
     assert d["order"] == [int(torch.argmin(ppl[1:])) + 1]
