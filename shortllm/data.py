@@ -438,7 +438,8 @@ def calibration_loader(source, tokenizer=None, *, n_samples: int | None = 10, se
             raise DataError(f"Calibration text file {s} does not exist; pass an existing UTF-8 text file or a "
                             f"corpus name ({', '.join(CORPORA)}).")
         else:
-            raise DataError(f"Unknown calibration source {s!r}: not a corpus ({', '.join(CORPORA)}) nor a file.")
+            raise DataError(f"Unknown calibration source {s!r}: not a corpus ({', '.join(CORPORA)}) nor a file; "
+                            f"pass a corpus name ({', '.join(CORPORA)}) or the path of an existing UTF-8 text file.")
     else:
         raise DataError(f"Unsupported calibration source of type {type(source).__name__}; pass a corpus name, "
                         "file path(s), a list of strings, a datasets.Dataset, or a LongTensor [N, T].")

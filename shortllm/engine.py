@@ -9,7 +9,6 @@ restored afterwards, also on error.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterable, Optional, Sequence
 
 import torch

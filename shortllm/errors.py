@@ -61,3 +61,7 @@ class BackendError(ShortLLMError, RuntimeError):
 
 class DiskSpaceError(ShortLLMError, OSError):
     """Not enough free disk space for files shortllm must write (spilled calibration states, ...)."""
+
+
+class RetrainConfigError(ShortLLMError, ValueError):
+    """A retraining configuration is invalid (unknown method or field, no LoRA target, ...)."""

@@ -19,7 +19,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -77,7 +76,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, plan: O
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-        _publish(tmp, out)
+        _publish(tmp, out, overwrite)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, ExportError):
@@ -87,8 +86,20 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, plan: O
     return out
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename tmp -> out; an existing out (overwrite=True) is moved aside first and restored on failure."""
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename tmp -> out; an existing out (overwrite=True) is moved aside first and restored on failure.
+
+    Without overwrite a plain rename publishes: it fails when another export created `out` in the
+    meantime, so of two concurrent exports one wins and the other reports it, none is replaced silently."""
+    if not overwrite:
+        try:
+            os.rename(tmp, out)
+        except OSError as exc:
+            if out.exists():
+                raise ExportError(f"{out} already exists (another export finished first); choose another output "
+                                  "dir or pass overwrite=True") from exc
+            raise
+        return
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -190,12 +201,6 @@ def mergekit_yaml(plan: Plan, model_name_or_path: str, dtype: Optional[str] = No
 _MK_FILTER = {"attn": "o_proj", "mlp": "down_proj"}
 
 
-class _CallableModule(__import__("types").ModuleType):
-    """`shortllm.export` is both this module and its function: importing the submodule rebinds the package
-    attribute to the module, so the module forwards calls to `export()`."""
+from . import _make_callable  # noqa: E402
 
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+_make_callable(__name__)  # `shortllm.export(...)` keeps working after `import shortllm.export`

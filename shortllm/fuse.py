@@ -265,12 +265,6 @@ def load_fused(directory: str | os.PathLike, dtype: Optional[torch.dtype] = None
 __all__ = ["fuse", "load_fused", "save_fused", "dropped_branches", "FusedAttention", "FusedMLP", "TOLERANCE"]
 
 
-class _CallableModule(__import__("types").ModuleType):
-    """`shortllm.fuse` is both this module and its function: importing the submodule rebinds the package
-    attribute to the module, so the module forwards calls to `fuse()`."""
+from . import _make_callable  # noqa: E402
 
-    def __call__(self, *args, **kwargs):
-        return fuse(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+_make_callable(__name__)  # `shortllm.fuse(...)` keeps working after `import shortllm.fuse`

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 
 import torch
 from torch import nn
 
 from .arch import get_adapter, resolve
-from .errors import PlanError, ShortLLMError
+from .errors import PlanError
 from .plan import Plan
 
 INDEX_ATTRS = ("layer_idx", "layer_id", "layer_number")
@@ -193,25 +192,22 @@ def _prune_cmd(args: argparse.Namespace) -> int:
     from .plan import make_plan, plan_from_search
     from .scores import Scores, atomic_write_text
 
-    try:
-        model, tok = load_model(args.model)
-        scores = Scores.load(args.scores, model=model) if args.scores else None
-        blocks = [int(x) for x in args.blocks.split(",") if x.strip()] if args.blocks else None
-        if args.search:
-            plan = plan_from_search(_load_search(args.search), model, scores)
-        else:
-            plan = make_plan(scores, args.metric, model=model, remove=args.remove, ratio=args.ratio, blocks=blocks,
-                             protect=args.protect, span=args.span)
-        prune(model, plan)
-        out = export(model, args.output, tokenizer=tok, plan=plan, scores=scores, fused=args.fused,
-                     overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-        if args.mergekit:
-            atomic_write_text(args.mergekit, mergekit_yaml(plan, args.model))
-        if args.plan_out:
-            plan.save(args.plan_out)
-    except ShortLLMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # ShortLLMError propagates to shortllm.cli.main: one line + exit 2 (a traceback with --debug)
+    model, tok = load_model(args.model)
+    scores = Scores.load(args.scores, model=model) if args.scores else None
+    blocks = [int(x) for x in args.blocks.split(",") if x.strip()] if args.blocks else None
+    if args.search:
+        plan = plan_from_search(_load_search(args.search), model, scores)
+    else:
+        plan = make_plan(scores, args.metric, model=model, remove=args.remove, ratio=args.ratio, blocks=blocks,
+                         protect=args.protect, span=args.span)
+    prune(model, plan)
+    out = export(model, args.output, tokenizer=tok, plan=plan, scores=scores, fused=args.fused,
+                 overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    if args.mergekit:
+        atomic_write_text(args.mergekit, mergekit_yaml(plan, args.model))
+    if args.plan_out:
+        plan.save(args.plan_out)
     print(f"removed blocks {plan.removed} of {plan.num_layers} ({plan.removed_fraction:.1%} of parameters: "
           f"{plan.params_before:,} -> {plan.params_after:,}); wrote {out}")
     return 0
@@ -232,19 +228,9 @@ def _load_search(path: str):
 def _bench_speed_cmd(args: argparse.Namespace) -> int:
     from .speedbench import main_from_args
 
-    try:
-        return main_from_args(args)
-    except ShortLLMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return main_from_args(args)
 
 
-class _CallableModule(__import__("types").ModuleType):
-    """`shortllm.prune` is both this module and its function: importing the submodule rebinds the package
-    attribute to the module, so the module forwards calls to `prune()`."""
+from . import _make_callable  # noqa: E402
 
-    def __call__(self, *args, **kwargs):
-        return prune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+_make_callable(__name__)  # `shortllm.prune(...)` keeps working after `import shortllm.prune`

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .errors import CheckpointError, DataError, ExportError, NonFiniteError, ShortLLMError
+from .errors import CheckpointError, DataError, ExportError, NonFiniteError, RetrainConfigError, ShortLLMError
 from .retrain_ckpt import checkpoint_dirs, load_checkpoint, model_fingerprint, save_checkpoint
 from .retrain_data import RetrainData, load_retrain_data
 
@@ -43,8 +43,6 @@ _FORMAT = 1
 _DEFAULT_LR = {"lora": 1e-4, "cpt": 5e-5}
 
 
-class RetrainConfigError(ShortLLMError, ValueError):
-    """A retraining option is invalid (unknown method, non-positive steps, ...)."""
 
 
 @dataclass

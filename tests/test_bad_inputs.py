@@ -4,9 +4,7 @@ line on stderr, no traceback (unless --debug), and leave no partial output behin
 from __future__ import annotations
 
 import errno
-import json
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
