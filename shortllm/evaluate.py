@@ -305,8 +305,9 @@ def zeroshot(model: nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, 
 
 
 # ---------------------------------------------------------------- CLI: shortllm eval
-def _split_list(s: Optional[str]) -> list[str]:
-    return [x.strip() for x in (s or "").split(",") if x.strip() and x.strip().lower() != "none"]
+def _split_list(s: Optional[str], none_is_empty: bool = True) -> list[str]:
+    items = [x.strip() for x in (s or "").split(",") if x.strip()]
+    return [x for x in items if x.lower() != "none"] if none_is_empty else items
 
 
 def _versions() -> dict:
@@ -384,7 +385,7 @@ def _run_eval(args) -> int:
               "dtype": args.dtype, "device": args.device, "versions": _versions(), "perplexity": [], "zeroshot": None}
     t0 = time.perf_counter()
     for proto in _split_list(args.protocol):
-        for bos in _split_list(args.bos) or ["none"]:
+        for bos in _split_list(args.bos, none_is_empty=False) or ["none"]:
             for ds in ppl_sets:
                 r = perplexity(model, tok, ds, seq_len=args.seq_len, protocol=proto, bos=bos,
                                batch_size=args.batch_size, max_chunks=args.max_chunks, progress=not args.no_progress)

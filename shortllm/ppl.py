@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn

@@ -1,4 +1,9 @@
 import os
+
+# Triton fixes interpreter mode when it is first imported: set it before anything can import triton,
+# so the Triton kernels run (on CPU tensors) in every test session.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import sys
 from pathlib import Path
 

@@ -56,11 +56,13 @@ def test_tiny_model_scores_match_reference(monkeypatch, arch):
     from tiny_models import make_tiny, random_batch
 
     names = _backends()
+    if arch != "llama":
+        names = [n for n in names if n != "triton"]  # the interpreter is slow: one architecture is enough
     if not names:
         pytest.skip("no kernel backend available")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    model = make_tiny(arch, num_layers=4)
-    data = [random_batch(2, 13, seed=s) for s in range(2)]
+    model = make_tiny(arch, num_layers=3)
+    data = [random_batch(2, 9, seed=0)]
     scores = _score_all(model, data, monkeypatch, names)
     for name in names:
         _assert_same(scores, name)
@@ -73,6 +75,8 @@ def test_smollm2_scores_match_reference(monkeypatch, smollm2):
     from tiny_models import random_batch
 
     model, _tok = smollm2
-    data = [random_batch(1, 64, seed=s, pad=False, vocab=model.config.vocab_size) for s in range(2)]
-    scores = _score_all(model, data, monkeypatch, ["cpu"], metrics=("bi", "angular", "mag", "ppl"))
+    # no "ppl" here: 30 layers x a 49k vocabulary through the float64-free torch path is minutes on 2 cores;
+    # the fused head is compared on the tiny models above
+    data = [random_batch(1, 32, seed=0, pad=False, vocab=model.config.vocab_size)]
+    scores = _score_all(model, data, monkeypatch, ["cpu"], metrics=("bi", "angular", "mag"))
     _assert_same(scores, "cpu")
