@@ -19,12 +19,12 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from torch import nn
 
+from ._io import publish_dir, temp_dir_beside
 from .errors import ExportError
 from .plan import Plan, scores_fingerprint
 
@@ -51,7 +51,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, plan: O
     plan = plan if plan is not None else getattr(model, "shortllm_plan", None)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = temp_dir_beside(out)
     except OSError as exc:
         raise ExportError(f"cannot write next to {out} ({exc}); choose a writable output dir") from exc
     try:
@@ -76,7 +76,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, plan: O
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-        _publish(tmp, out, overwrite)
+        publish_dir(tmp, out, overwrite, ExportError)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, ExportError):
@@ -86,33 +86,6 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, plan: O
     return out
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename tmp -> out; an existing out (overwrite=True) is moved aside first and restored on failure.
-
-    Without overwrite a plain rename publishes: it fails when another export created `out` in the
-    meantime, so of two concurrent exports one wins and the other reports it, none is replaced silently."""
-    if not overwrite:
-        try:
-            os.rename(tmp, out)
-        except OSError as exc:
-            if out.exists():
-                raise ExportError(f"{out} already exists (another export finished first); choose another output "
-                                  "dir or pass overwrite=True") from exc
-            raise
-        return
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rmdir(old)
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_index(directory: str | os.PathLike, index_name: str = "model.safetensors.index.json") -> dict:

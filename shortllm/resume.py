@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ._io import atomic_file
 from .errors import CheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,32 +62,9 @@ def _jsonable(v: Any) -> Any:
     return repr(v)
 
 
-def _fsync_replace(tmp: str, final: Path) -> None:
-    os.replace(tmp, final)
-    try:  # make the rename itself durable (a power cut, not just a kill)
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path, "wb", durable=True) as f:
+        write(f)
 
 
 class ScoringCheckpoint:

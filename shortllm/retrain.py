@@ -22,7 +22,6 @@ import dataclasses
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ._io import publish_dir, temp_dir_beside
 from .errors import CheckpointError, DataError, ExportError, NonFiniteError, RetrainConfigError, ShortLLMError
 from .retrain_ckpt import checkpoint_dirs, load_checkpoint, model_fingerprint, save_checkpoint
 from .retrain_data import RetrainData, load_retrain_data
@@ -407,19 +407,15 @@ def save_retrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, over
     out = Path(out_dir).expanduser()
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; pass overwrite=True or choose a new folder.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out, overwrite, ExportError)
+    except ExportError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(f"Could not write {out} ({e}); check free space and permissions.") from e

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ._io import atomic_path, atomic_write_text  # noqa: F401  (re-exported: used across stages)
 from .errors import ScoresMismatchError
 
 FORMAT = "shortllm.scores/1"
@@ -42,27 +42,6 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same directory + os.replace: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
 
 
 def _jsonable(t: Tensor) -> Any:
@@ -208,14 +187,9 @@ class Scores:
         fig.suptitle(f"{self.meta.get('model_name', '')}: block importance (lower = removed first)", fontsize=10)
         fig.tight_layout()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-        os.close(fd)
         try:
-            fig.savefig(tmp, dpi=110)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=110, format="png")
         finally:
             plt.close(fig)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path

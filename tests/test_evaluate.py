@@ -43,8 +43,8 @@ def _ref_nll_sum(model, chunks):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), chunks[:, 1:].reshape(-1), reduction="sum").item()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "opt", "qwen2"])
-@pytest.mark.parametrize("bos", ev.BOS_MODES)
+@pytest.mark.parametrize("arch,bos", [("llama", "none"), ("llama", "once"), ("llama", "every_chunk"),
+                                      ("gemma2", "every_chunk"), ("gpt2", "once"), ("opt", "none"), ("qwen2", "none")])
 def test_ppl_matches_full_logit_cross_entropy(tok, arch, bos):
     model = make_tiny(arch, dtype=torch.float64, seed=3)
     text = _text(7)

@@ -206,11 +206,14 @@ def test_cli_prune(tmp_path, capsys):
     assert len(plan.removed) == 2 and all(4 <= i < 6 for i in plan.removed)  # Mag+ protects (4, 2)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 6
     assert "passthrough" in (tmp_path / "plan.yaml").read_text()
-    args = parser.parse_args(argv)  # same output again: refused, exit code 2
-    assert args.func(args) == 2
-    assert "overwrite" in capsys.readouterr().err
-    args = parser.parse_args(argv[:-6] + ["-o", str(tmp_path / "o2"), "--remove", "3"])
-    assert args.func(args) == 2  # Mag+ on 8 blocks leaves 2 removable
+    from shortllm.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2  # same output again: refused, exit code 2, one line
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert last.startswith("shortllm: error:") and "overwrite" in last
+    assert main(argv[:-6] + ["-o", str(tmp_path / "o2"), "--remove", "3"]) == 2  # Mag+ on 8 blocks leaves 2
+    assert not (tmp_path / "o2").exists()
 
 
 @pytest.mark.real_model
