@@ -69,7 +69,7 @@ def child(variant: str) -> None:
     print(json.dumps({"variant": variant, "peak_rss_mb": peak_rss_mb(), "ranking": ranking}))
 
 
-def timing(reps: int = 5) -> dict:
+def timing(reps: int = 3) -> dict:
     import torch
 
     import shortllm
@@ -106,7 +106,7 @@ def main() -> None:
         "## score_fast end to end (SmolLM2-135M, fp32, CPU)", "",
         f"Measured {stamp()}; cosine backend `{backend}`.", "",
         "### BI + angular (n_max = 8), 4 x 512 WikiText-2 tokens, one batch", "",
-        "| method | time (median of 5) | ÷ plain forward | peak RSS | over plain forward |",
+        "| method | time (median of 3) | ÷ plain forward | peak RSS | over plain forward |",
         "|---|---|---|---|---|",
     ]
     base_t, base_m = t["plain"], rss["plain"]["peak_rss_mb"]

@@ -57,19 +57,15 @@ def _score(args) -> int:
         if not dist.is_initialized():
             dist.init_process_group(backend="gloo" if args.device == "cpu" else "nccl")
     if args.offload == "disk":
-        from transformers import AutoTokenizer
-
         from .models import BUILTIN_MODELS, builtin_checkpoint
-        from .offload import score_checkpoint
+        from .offload import run_offload_from_args
 
-        ckpt = Path(args.model).expanduser()
-        if not ckpt.is_dir() and args.model.lower() in BUILTIN_MODELS:
-            ckpt = builtin_checkpoint(args.model.lower())
-        if not ckpt.is_dir():
-            raise ModelLoadError(f"--offload disk needs a local safetensors checkpoint dir; {args.model} is not one")
-        tok = AutoTokenizer.from_pretrained(str(ckpt))
-        scores = score_checkpoint(ckpt, load_data(args, tok), metrics=args.metrics, n_max=args.n_max,
-                                  angular_tokens=args.angular_tokens, progress=not args.quiet)
+        if not Path(args.model).expanduser().is_dir():
+            if args.model.lower() not in BUILTIN_MODELS:
+                raise ModelLoadError(f"--offload disk needs a local safetensors checkpoint dir; {args.model} is "
+                                     "not one (download it first, or use a built-in name)")
+            args.model = str(builtin_checkpoint(args.model.lower()))
+        scores = run_offload_from_args(args)
     else:
         model, tok = load_model(args.model, device=args.device)
         extra = {}
@@ -113,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--device", default="cpu")
     sc.add_argument("--offload", choices=("none", "disk"), default="none",
                     help="disk: block-major out-of-core scoring straight from the safetensors checkpoint")
+    from .offload import add_offload_args
+
+    add_offload_args(sc)
     sc.add_argument("--distributed", action="store_true",
                     help="data-parallel over torch.distributed; launch with "
                          "`torchrun --nproc_per_node=N -m shortllm.cli score ... --distributed`")

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._io import atomic_write_text
 from .errors import DataError, UnsupportedModelError
 from .ops import lm_head_nll
 from .tasks import DEFAULT_TASKS, TaskResult, load_task, score_items, task_spec
@@ -320,21 +321,6 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
-def _atomic_write(path, text: str) -> None:
-    import os
-    import tempfile
-    from pathlib import Path
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def render_markdown(report: dict) -> str:
@@ -394,8 +380,8 @@ def _run_eval(args) -> int:
         report["zeroshot"] = zeroshot(model, tok, tasks, limit=args.limit, batch_size=args.batch_size,
                                       progress=not args.no_progress).to_dict()
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    _atomic_write(out, json.dumps(report, indent=2) + "\n")
-    _atomic_write(out.with_suffix(".md"), render_markdown(report))
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), render_markdown(report))
     print(render_markdown(report))
     return 0
 

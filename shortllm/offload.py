@@ -267,7 +267,7 @@ class OffloadScorer:
                 if stream:
                     taylor_stats_(p.detach(), p.grad, acc[i])
                     p.grad = None
-                elif p.dtype != torch.float32:
+                elif p.dtype.itemsize < 4:  # fp16/bf16 sum in fp32 buffers, as metrics.TaylorCollector
                     buf = buffers.get(id(p))
                     if buf is None:
                         buffers[id(p)] = p.grad.float()

@@ -50,3 +50,14 @@ def test_demo_end_to_end(tmp_path):
     assert all(4 <= b < 28 for b in summary["removed_blocks"]), "Taylor+ protects the first 4 and last 2 blocks"
     assert summary["sample_after"].startswith("The capital of France is")
     assert (tmp_path / "demo" / "pruned" / "config.json").is_file()
+
+
+@pytest.mark.real_model
+def test_score_cli_offload_disk_equals_in_memory(tmp_path):
+    args = ["--data", "wikitext2", "--metrics", "bi,mag", "--samples", "2", "--seq-len", "32", "-q"]
+    assert main(["score", "smollm2-135m", *args, "-o", str(tmp_path / "mem.json")]) == 0
+    assert main(["score", "smollm2-135m", "--offload", "disk", *args, "-o", str(tmp_path / "disk.json")]) == 0
+    mem, disk = (json.loads((tmp_path / f).read_text()) for f in ("mem.json", "disk.json"))
+    assert disk["meta"]["options"]["offload"] == "disk"
+    for m in ("bi", "mag"):
+        assert disk["values"][m] == pytest.approx(mem["values"][m], rel=1e-5), m

@@ -189,7 +189,7 @@ def test_scores_json_roundtrip_markdown_plot(tmp_path):
         _assert_close(back.values[m], s.values[m], 0.0, m)
     assert back.ranking("taylor") == s.ranking("taylor")
     md = s.to_markdown()
-    assert md.count("\n| ") == 4 + 1 and "Ranking" in md
+    assert md.startswith("| block |") and md.count("\n| ") == 4 and "Ranking" in md  # header + 4 rows
     png = s.plot(tmp_path / "scores.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     other = make_tiny("qwen3", num_layers=4, seed=5)
