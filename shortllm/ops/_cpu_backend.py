@@ -18,9 +18,15 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _VOCAB_CHUNK = 8192  # vocabulary rows upcast per step: bounds the float32 weight copy
 
 
-def _threads() -> int:
-    # follow torch's intra-op setting so one knob controls both; results do not depend on it
-    return max(1, torch.get_num_threads())
+_PARALLEL_MIN_BYTES = 32 << 20
+
+
+def _threads(nbytes: int = 1 << 62) -> int:
+    """torch's intra-op setting (one knob for both; results never depend on it), but a single thread below
+    32 MB: one core already streams such an input at memory speed (~25 GB/s here), while an OpenMP team
+    pays wake-up and barrier costs that explode when another process holds a core (measured 20x slower
+    for a 9 MB block output on a loaded 2-core machine)."""
+    return 1 if nbytes < _PARALLEL_MIN_BYTES else max(1, torch.get_num_threads())
 
 
 def _ref(op: str) -> Callable:
@@ -43,7 +49,8 @@ def cosine_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], acc: Tensor) -> N
     out = acc if acc.is_contiguous() else torch.zeros(3, dtype=torch.float64)
     n, d = x.shape
     _cpu.cosine_stats(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), n, d, DTYPE_CODES[x.dtype],
-                      0 if mask is None else mask.data_ptr(), out.data_ptr(), _threads())
+                      0 if mask is None else mask.data_ptr(), out.data_ptr(),
+                      _threads(2 * n * d * x.element_size()))
     if out is not acc:
         acc.add_(out)
 
@@ -58,7 +65,7 @@ def taylor_stats(w: Tensor, g: Optional[Tensor], acc: Tensor) -> None:
     g = None if g is None else g.detach().contiguous()
     out = acc if acc.is_contiguous() else torch.zeros(3, dtype=torch.float64)
     _cpu.taylor_stats(w.data_ptr(), 0 if g is None else g.data_ptr(), w.numel(), DTYPE_CODES[w.dtype],
-                      out.data_ptr(), _threads())
+                      out.data_ptr(), _threads((1 if g is None else 2) * w.numel() * w.element_size()))
     if out is not acc:
         acc.add_(out)
 
