@@ -43,6 +43,20 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def batch_loss(adapter: Adapter, head_in: Tensor, ctx: BatchContext) -> Tensor:
+    """Mean token cross-entropy of one batch (labels = input_ids, padding ignored) from the LM head's input
+    [B, T, D], through the chunked head: the [N, V] logits never exist."""
+    head = adapter.head_params()
+    h = head_in[:, :-1].reshape(-1, head_in.shape[-1])
+    targets = ctx.input_ids[:, 1:].masked_fill(ctx.attention_mask[:, 1:] == 0, -100).reshape(-1)
+    n = int((targets != -100).sum())
+    if n == 0:
+        raise EmptyLoaderError(f"batch {ctx.index}: no position has a next token to predict (sequences of "
+                               "length 1); use seq_len >= 2")
+    nll = lm_head_nll(h, head["weight"], targets, bias=head["bias"], softcap=head["softcap"], scale=head["scale"])
+    return nll.sum() / n
+
+
 def distributed_reducer():
     """A sum-all-reduce over the default process group, or None when not running distributed."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -166,18 +180,6 @@ class Engine:
                                  "overflows in this dtype or its weights are corrupted: score in float32 "
                                  "(load_model(..., dtype=torch.float32)) or check the checkpoint")
 
-    def _loss(self, hidden: Tensor, ctx: BatchContext) -> Tensor:
-        """Mean token cross-entropy of the batch (labels = input_ids, padding ignored), chunked head."""
-        head = self.adapter.head_params()
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        targets = ctx.input_ids[:, 1:].masked_fill(ctx.attention_mask[:, 1:] == 0, -100).reshape(-1)
-        n = int((targets != -100).sum())
-        if n == 0:
-            raise EmptyLoaderError(f"batch {ctx.index}: no position has a next token to predict (sequences of "
-                                   "length 1); use seq_len >= 2")
-        nll = lm_head_nll(h, head["weight"], targets, bias=head["bias"], softcap=head["softcap"], scale=head["scale"])
-        return nll.sum() / n
-
     def _batch(self, index: int, batch: dict) -> None:
         ctx = self._context(index, batch)
         for c in self.collectors:
@@ -187,7 +189,7 @@ class Engine:
                 with torch.enable_grad():
                     out = self.model.base_model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask,
                                                 use_cache=False)
-                    loss = self._loss(out[0], ctx)
+                    loss = batch_loss(self.adapter, out[0], ctx)
                     if not torch.isfinite(loss):
                         self._raise_if_nonfinite(ctx)
                         raise NonFiniteError(f"non-finite loss on calibration batch {index}; score in float32")

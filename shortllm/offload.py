@@ -30,12 +30,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .arch import Adapter, get_adapter
-from .engine import Engine, parse_metrics, resolve_n_max
+from .engine import Engine, batch_loss, parse_metrics, resolve_n_max
 from .errors import EmptyLoaderError, MetricError, ModelLoadError, NonFiniteError, UnsupportedModelError
 from .hooks import block_input
 from .metrics import BatchContext, CosineCollector
 from .offload_io import BlockLoader, CheckpointReader, StateStore, build_skeleton
-from .ops import lm_head_nll, taylor_stats_
+from .ops import taylor_stats_
 from .replay import BlockCall, _patched_forwards
 
 OFFLOAD_METRICS = ("bi", "angular", "mag", "taylor", "ppl")
@@ -92,17 +92,8 @@ def _mem_available() -> int:
 
 
 def _taylor_loss(adapter: Adapter, h_last: Tensor, ctx: BatchContext) -> Tensor:
-    """The engine's loss: mean token cross-entropy of the batch through final norm + chunked LM head."""
-    hidden = adapter.head_input(h_last)
-    head = adapter.head_params()
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    targets = ctx.input_ids[:, 1:].masked_fill(ctx.attention_mask[:, 1:] == 0, -100).reshape(-1)
-    n = int((targets != -100).sum())
-    if n == 0:
-        raise EmptyLoaderError(f"batch {ctx.index}: no position has a next token to predict (sequences of "
-                               "length 1); use seq_len >= 2")
-    nll = lm_head_nll(h, head["weight"], targets, bias=head["bias"], softcap=head["softcap"], scale=head["scale"])
-    return nll.sum() / n
+    """The engine's loss from the last block's raw output (final norm applied here)."""
+    return batch_loss(adapter, adapter.head_input(h_last), ctx)
 
 
 class OffloadScorer:
