@@ -13,8 +13,10 @@ Every cell's result is one JSON file under ``--out`` (written atomically); a rer
 whose knobs match. The one-pass scores (bi/taylor/mag/ppl) and the SLEB removal order are cached there
 too. ``--report-only`` re-renders the Markdown and plots from whatever cells exist.
 
-CPU-time estimates on this machine (2 shared cores, fp32; measured per unit in the smoke run):
-    smoke ~ 25-40 min   small ~ 1.5-2 h   full ~ 5-6 h   (see the report header for the measured time)
+Time on this machine (2 cores shared with other jobs, fp32, --threads 1, which is 3-4x faster than 2
+threads when the box is loaded). Measured, smoke: one-pass scoring 75 s, SLEB search (13 rounds) ~300 s,
+a cell's evaluation 45-80 s, a LoRA/CPT cell ~60 s; the whole smoke run ~40 min wall. Extrapolated from
+those unit costs (not measured): small ~1.3 h, full ~2-2.5 h. Use ``--threads 1`` on a shared box.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
