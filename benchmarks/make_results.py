@@ -12,6 +12,8 @@ ORDER = ["score", "ops", "ppl", "speed", "eval", "reproduce", "retrain", "distri
 
 def main() -> None:
     parts = {p.stem: p.read_text().strip() for p in sorted((HERE / "results").glob("*.md"))}
+    for png in (HERE / "results").glob("*.png"):  # images are linked relative to results/
+        parts = {k: v.replace(f"]({png.name})", f"](results/{png.name})") for k, v in parts.items()}
     names = [n for n in ORDER if n in parts] + sorted(set(parts) - set(ORDER))
     text = ["# Benchmark results", "",
             "Every section says when, on what machine, with which versions and at which commit it was measured, "
@@ -20,6 +22,9 @@ def main() -> None:
     text += ["Sections: " + ", ".join(f"[{n}](#{n})" for n in names), ""]
     for n in names:
         text += [f'<a id="{n}"></a>', "", parts[n], ""]
+        for png in sorted((HERE / "results").glob(f"{n}*.png")):
+            if f"results/{png.name}" not in parts[n]:
+                text += [f"![{png.stem}](results/{png.name})", ""]
     (HERE / "RESULTS.md").write_text("\n".join(text))
 
 
