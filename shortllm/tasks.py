@@ -29,7 +29,6 @@ Local-file caveats (documented, not fixable from the data we have):
 """
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -77,14 +76,9 @@ def _shared(context: str, choices: list[str], gold: int) -> MCItem:
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"Missing task file {path}; set SHORTLLM_DATA to the shared data folder "
-                        "(layout in shared/data/SOURCES.md).") from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"Cannot read {path}: {e}; the file is corrupt or truncated, restore it.") from e
-    return raw.decode("utf-8").splitlines()
+    from .data import _read_utf8  # one reader (gzip, missing/corrupt/non-UTF-8 errors) for every data file
+
+    return _read_utf8(path).splitlines()
 
 
 def _jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:

@@ -58,7 +58,7 @@ def test_hellaswag_preprocess_and_capitalisation():
 
 
 def test_missing_files_and_bad_args(tmp_path, monkeypatch):
-    with pytest.raises(DataError, match="Missing task file"):
+    with pytest.raises(DataError, match="Missing data file"):
         T.load_task("piqa", tmp_path)
     with pytest.raises(DataError, match="Unknown task"):
         T.load_task("mmlu", tmp_path)
