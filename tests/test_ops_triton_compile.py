@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -40,7 +41,10 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, and the source tree's
+    # `shortllm` has no `shortllm.kernels` (kernels/ is mapped there at install time)
+    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=tempfile.gettempdir())
     if r.returncode != 0 and "ptxas" in r.stderr and "not found" in r.stderr:
         pytest.skip("triton's ptxas is unavailable on this machine")
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
