@@ -33,3 +33,18 @@ def data_dir() -> Path:
     if not d or not Path(d).is_dir():
         pytest.skip("SHORTLLM_DATA is not set to the shared data folder")
     return Path(d)
+
+
+@pytest.fixture(params=["ref", "cpu", "triton"])
+def backend(request, monkeypatch):
+    """Every kernel backend in turn, forced through SHORTLLM_BACKEND (the op tests compare each to `_ref`)."""
+    from ops_helpers import need_triton
+    from shortllm.ops import _backend
+
+    name = request.param
+    if name == "cpu" and not _backend.available_backends()["cpu"]:
+        pytest.skip("shortllm._cpu not built")
+    if name == "triton":
+        need_triton(monkeypatch)
+    monkeypatch.setenv("SHORTLLM_BACKEND", name)
+    return name

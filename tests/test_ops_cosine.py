@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shortllm.ops import _backend, cosine_stats_, cosine_stats_ref
+from ops_helpers import need_triton
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES = (F32, BF16, F16)
@@ -28,24 +29,6 @@ ROW_TOL = {
 START = (0.25, -1.5, 3.0)  # acc starts non-zero: the op must add, not overwrite
 
 
-@pytest.fixture(params=["ref", "cpu", "triton"])
-def backend(request, monkeypatch):
-    name = request.param
-    if name == "cpu" and not _backend.available_backends()["cpu"]:
-        pytest.skip("shortllm._cpu not built")
-    if name == "triton":
-        need_triton(monkeypatch)
-    monkeypatch.setenv("SHORTLLM_BACKEND", name)
-    return name
-
-
-def need_triton(monkeypatch) -> None:
-    pytest.importorskip("triton")
-    import triton.language as tl
-
-    if type(tl.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; export TRITON_INTERPRET=1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def make_xy(n: int, d: int, dtype: torch.dtype, noncontig: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when first imp
 import pytest
 import torch
 
-from shortllm.ops import _backend, lm_head_nll, lm_head_nll_ref
+from shortllm.ops import lm_head_nll, lm_head_nll_ref
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # absolute error allowed per row on nll and lse. The fused backends widen bf16/fp16 operands to
@@ -20,23 +20,6 @@ ABS_TOL = {
 }
 
 
-def need_triton(monkeypatch) -> None:
-    pytest.importorskip("triton")
-    import triton.language as tl
-
-    if type(tl.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; export TRITON_INTERPRET=1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture(params=["ref", "cpu", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "cpu" and not _backend.available_backends()["cpu"]:
-        pytest.skip("shortllm._cpu not built")
-    if request.param == "triton":
-        need_triton(monkeypatch)
-    monkeypatch.setenv("SHORTLLM_BACKEND", request.param)
-    return request.param
 
 
 @pytest.fixture

@@ -21,23 +21,6 @@ REL_TOL = {"ref": (1e-12, 1e-12), "cpu": (1e-6, 1e-6), "triton": (1e-6, 1e-12)}
 START = (1.0, 2.0, -3.0)
 
 
-def need_triton(monkeypatch) -> None:
-    pytest.importorskip("triton")
-    import triton.language as tl
-
-    if type(tl.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; export TRITON_INTERPRET=1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture(params=["ref", "cpu", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "cpu" and not _backend.available_backends()["cpu"]:
-        pytest.skip("shortllm._cpu not built")
-    if request.param == "triton":
-        need_triton(monkeypatch)
-    monkeypatch.setenv("SHORTLLM_BACKEND", request.param)
-    return request.param
 
 
 def make_wg(shape, dtype, seed, noncontig=False, gdtype=None):
