@@ -131,11 +131,11 @@ class _Clock:
 def eval_texts(tok, knobs: Knobs, data_dir=None) -> dict[str, str]:
     """Each eval corpus's joined text, cut to a prefix that tokenises to the same first
     eval_chunks x seq_len tokens as the whole split (checked), so no cell re-tokenises megabytes."""
-    from shortllm.evaluate import PROTOCOLS, _ppl_text
+    from shortllm.evaluate import PROTOCOLS, corpus_text
 
     out = {}
     for c in EVAL_CORPORA:
-        text, _ = _ppl_text(c, "llm-pruner", None, data_dir)
+        text, _ = corpus_text(c, "llm-pruner", data_dir=data_dir)
         if knobs.eval_chunks is None:
             out[c] = text
             continue
@@ -215,7 +215,7 @@ def cached_sleb(model, calib, n_remove: int, out: Path, knobs: Knobs, progress: 
 
 def make_plans(model, scores, sleb_order: Optional[list[int]], knobs: Knobs) -> dict:
     from shortllm.arch import get_adapter
-    from shortllm.plan import _k_for_ratio, count_params, make_plan
+    from shortllm.plan import blocks_for_ratio, count_params, make_plan
 
     plans = {}
     for r in knobs.ratios:
@@ -224,7 +224,7 @@ def make_plans(model, scores, sleb_order: Optional[list[int]], knobs: Knobs) -> 
                 continue
             if c == "sleb":
                 blocks = get_adapter(model).blocks()
-                k = _k_for_ratio(float(r), sleb_order, [count_params(b) for b in blocks], count_params(model))
+                k = blocks_for_ratio(float(r), sleb_order, [count_params(b) for b in blocks], count_params(model))
                 plans[(c, r)] = make_plan(None, model=model, blocks=sleb_order[:k])
                 plans[(c, r)].metric = "ppl-iterative"
             else:
@@ -235,11 +235,11 @@ def make_plans(model, scores, sleb_order: Optional[list[int]], knobs: Knobs) -> 
 
 def sleb_blocks_needed(model, knobs: Knobs) -> int:
     from shortllm.arch import get_adapter
-    from shortllm.plan import _k_for_ratio, count_params
+    from shortllm.plan import blocks_for_ratio, count_params
 
     bp = [count_params(b) for b in get_adapter(model).blocks()]
     order = sorted(range(len(bp)), key=lambda i: bp[i])  # the most blocks any removal order could need
-    return max(_k_for_ratio(float(r), order, bp, count_params(model)) for r in knobs.ratios)
+    return max(blocks_for_ratio(float(r), order, bp, count_params(model)) for r in knobs.ratios)
 
 
 # ---------------------------------------------------------------- the experiment

@@ -40,7 +40,7 @@ from .ops import lm_head_nll
 from .tasks import DEFAULT_TASKS, TaskResult, load_task, score_items, task_spec
 
 __all__ = ["PerplexityResult", "TaskResult", "ZeroShotResult", "perplexity", "zeroshot", "loglikelihoods",
-           "encode_pair", "head_hidden", "register_cli"]
+           "encode_pair", "head_hidden", "corpus_text", "register_cli"]
 
 PROTOCOLS = {
     # default seq_len and the row join per corpus (GPTQ: PTB and C4 are " "-joined)
@@ -132,7 +132,11 @@ def _chunks(ids: list[int], seq_len: int, bos: str, bos_id: Optional[int]) -> Te
     return t
 
 
-def _ppl_text(dataset: str, protocol: str, split: Optional[str], data_dir) -> tuple[str, dict]:
+def corpus_text(dataset: str, protocol: str = "llm-pruner", split: Optional[str] = None,
+                data_dir=None) -> tuple[str, dict]:
+    """The text `perplexity` tokenises for ``dataset`` under ``protocol`` (rows joined as the seed code
+    joins them; GPTQ's C4 keeps its first 1,100 documents), and what it is: ``{"dataset", "split"}``.
+    A string that is not a corpus name but contains whitespace is taken as the text itself."""
     from .data import canonical_corpus, corpus_rows
     try:
         name = canonical_corpus(dataset)
@@ -169,7 +173,7 @@ def perplexity(model: nn.Module, tokenizer, dataset: str = "wikitext2", *, seq_l
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos != "none" and bos_id is None:
         raise DataError(f"bos={bos!r} needs a BOS token but the tokenizer has none; use bos='none'.")
-    text, info = _ppl_text(dataset, protocol, split, data_dir)
+    text, info = corpus_text(dataset, protocol, split, data_dir)
     chunks = _chunks(_encode(tokenizer, text), seq_len, bos, bos_id)
     if max_chunks is None and protocol == "gptq" and info.get("dataset") == "c4":
         max_chunks = 256

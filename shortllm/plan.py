@@ -209,7 +209,9 @@ def _protect_for(metric: Optional[str], protect: Optional[Sequence[int]], num_la
     return first, last
 
 
-def _k_for_ratio(ratio: float, order: Sequence[int], block_params: Sequence[int], total: int) -> int:
+def blocks_for_ratio(ratio: float, order: Sequence[int], block_params: Sequence[int], total: int) -> int:
+    """How many blocks, taken from the front of removal ``order``, bring the removed share of the
+    ``total`` parameter count closest to ``ratio`` (at least one; ties keep the smaller count)."""
     best_k, best_err, acc = 1, float("inf"), 0
     for k, i in enumerate(order, start=1):
         acc += block_params[i]
@@ -277,7 +279,7 @@ def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: 
         else:
             mode = "remove" if remove is not None else "ratio"
             order = [i for i in scores.ranking(metric) if first <= i < L - last]
-            k = remove if remove is not None else _k_for_ratio(float(ratio), order, block_params, total)
+            k = remove if remove is not None else blocks_for_ratio(float(ratio), order, block_params, total)
             if k > removable:
                 raise PlanError(f"cannot remove {k} blocks: with protect=({first}, {last}) only {removable} of {L} "
                                 "blocks are removable; ask for fewer or lower protect")

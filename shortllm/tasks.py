@@ -29,6 +29,7 @@ Local-file caveats (documented, not fixable from the data we have):
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -215,14 +216,29 @@ def load_task(name: str, data_dir: Optional[str | os.PathLike] = None, limit: Op
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"Data directory {str(root)!r} does not exist; point SHORTLLM_DATA at the shared data folder.")
-    items = spec.reader([root / f for f in spec.files])
+    if limit is not None and limit <= 0:
+        raise DataError(f"limit must be a positive item count, got {limit}.")
+    paths = [root / f for f in spec.files]
+    items = _parsed(spec.name, tuple(paths), tuple(_identity(p) for p in paths))
     if not items:
-        raise DataError(f"Task {spec.name!r}: {root / spec.files[0]} holds no items.")
-    if limit is not None:
-        if limit <= 0:
-            raise DataError(f"limit must be a positive item count, got {limit}.")
-        items = items[:limit]
-    return items
+        raise DataError(f"Task {spec.name!r}: {paths[0]} holds no items.")
+    return list(items[:limit] if limit is not None else items)
+
+
+def _identity(path: Path) -> tuple:
+    """What says a file is unchanged (a rewritten file gets a new mtime or size, so the cache misses)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ()  # the reader raises the typed missing-file error
+    return (st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(name: str, paths: tuple[Path, ...], identity: tuple) -> tuple[MCItem, ...]:
+    # Parsed once per process: the experiment and CLI evaluate many models on the same files, and
+    # HellaSwag's 10k items take seconds to parse. Items are frozen, so sharing them is safe.
+    return tuple(TASKS[name].reader(list(paths)))
 
 
 # ---------------------------------------------------------------- scoring (lm-eval process_results)

