@@ -73,7 +73,7 @@ def _extensions():
         _log("SHORTLLM_NO_EXT=1: pure-Python install (reference ops only)")
         return [], {}
     try:
-        from pybind11.setup_helpers import Pybind11Extension, ParallelCompile, build_ext
+        from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
     except ImportError:
         _log("pybind11 is not installed: skipping the C++ extensions (pip install pybind11, then reinstall)")
         return [], {}

@@ -49,8 +49,8 @@ def table(cells: dict, knobs: Knobs) -> str:
             lines.append("| " + " | ".join(lead + ["(not run)"] + [""] * (len(head) - 4)) + " |")
             continue
         cut = 1 - c["params"] / c["params_before"]
-        row = lead + [f"{c['params'] / 1e6:.1f}M" + (f" (−{cut:.1%})" if cut else ""), ",".join(map(str, c["removed"])) or "—",
-                      _f(c["ppl_wikitext2"]), _f(c["ppl_ptb"])]
+        row = lead + [f"{c['params'] / 1e6:.1f}M" + (f" (−{cut:.1%})" if cut else ""),
+                      ",".join(map(str, c["removed"])) or "—", _f(c["ppl_wikitext2"]), _f(c["ppl_ptb"])]
         row += [_f(None if _task(c, t) is None else 100 * _task(c, t), 1) for t in TASK_ORDER]
         row.append(_f(100 * c["zs_mean"], 1))
         lines.append("| " + " | ".join(row) + " |")
@@ -159,7 +159,8 @@ def plot_ppl(cells: dict, knobs: Knobs, path: Path) -> None:
                         for r in knobs.ratios if (k := cell_key(c, r, rec)) in cells]
                 if len(pts) > 1 and rec in knobs.recoveries:
                     xs, ys = zip(*sorted(pts))
-                    ax.plot([100 * x for x in xs], ys, style, label=f"{LABEL[c]} ({rec})", alpha=1 if rec == "none" else .6)
+                    ax.plot([100 * x for x in xs], ys, style, label=f"{LABEL[c]} ({rec})",
+                            alpha=1 if rec == "none" else .6)
         ax.set_yscale("log")
         ax.set_xlabel("removed parameters (%)")
         ax.set_ylabel(f"{corpus} PPL (128-token chunks)")

@@ -96,7 +96,8 @@ def main() -> None:
         one = launch(1, 2, args, Path(d))
         two = launch(2, 1, args, Path(d))
         load_after = os.getloadavg()
-    rel = max(abs(a - b) / max(abs(b), 1e-300) for k in one["values"] for a, b in zip(two["values"][k], one["values"][k]))
+    rel = max(abs(a - b) / max(abs(b), 1e-300)
+              for k in one["values"] for a, b in zip(two["values"][k], one["values"][k]))
     t1, t2 = min(one["times"]), min(two["times"])
     rows = [("1 rank x 2 threads", one), ("2 ranks x 1 thread (torchrun, gloo)", two)]
     md = [

@@ -62,7 +62,9 @@ def generate_llama3_8b_shaped(out: Path, seed: int = 0, layers: int | None = Non
         t = torch.empty(shape, dtype=torch.bfloat16)
         rows = max(1, (1 << 24) // shape[-1])
         for s in range(0, shape[0], rows):  # fp32 scratch of at most 64 MB
-            t[s:s + rows] = (torch.randn((min(rows, shape[0] - s),) + shape[1:], generator=g) * scale).to(torch.bfloat16)
+            # no named temporary: the fp32 scratch is freed before the next chunk is drawn
+            t[s:s + rows] = (torch.randn((min(rows, shape[0] - s),) + shape[1:], generator=g)
+                             * scale).to(torch.bfloat16)
         return t
 
     def norm(dim):
@@ -80,7 +82,8 @@ def generate_llama3_8b_shaped(out: Path, seed: int = 0, layers: int | None = Non
         else:
             p = f"model.layers.{what}."
             tensors = {p + "self_attn.q_proj.weight": rnd(d, d), p + "self_attn.k_proj.weight": rnd(kv, d),
-                       p + "self_attn.v_proj.weight": rnd(kv, d), p + "self_attn.o_proj.weight": rnd(d, d, scale=std / 4),
+                       p + "self_attn.v_proj.weight": rnd(kv, d),
+                       p + "self_attn.o_proj.weight": rnd(d, d, scale=std / 4),
                        p + "mlp.gate_proj.weight": rnd(f, d), p + "mlp.up_proj.weight": rnd(f, d),
                        p + "mlp.down_proj.weight": rnd(d, f, scale=std / 4),
                        p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d)}
@@ -106,8 +109,8 @@ def random_calibration(vocab: int, n: int = 4, seq: int = 128, seed: int = 0) ->
 
 def time_one_block(path: Path, n: int = 4, seq: int = 128) -> dict:
     """Read block 0, run the calibration through it forward, then forward+backward: the per-block cost."""
-    from shortllm.offload import BlockLoader, OffloadScorer, capture_identity
     from shortllm.engine import Engine
+    from shortllm.offload import BlockLoader, OffloadScorer, capture_identity
 
     sc = OffloadScorer(path, ("bi",), n_max=None, angular_tokens="all", taylor_mode="exact", dtype=None,
                        device="cpu", attn_implementation=None, spill="memory", spill_dir=None, progress=False,
@@ -190,7 +193,8 @@ def smollm_compare(n: int = 4, seq: int = 128) -> dict:
         diffs[m] = float(((a - b).abs()[ok] / a.abs()[ok].clamp_min(1e-30)).max())
     return {"tokens": n * seq, "in_memory_s": t_mem, "offload_s": t_off, "ratio": t_off / t_mem,
             "max_rel_diff": diffs, "same_ranking": {m: mem.ranking(m) == off.ranking(m) for m in mets},
-            "fingerprint_equal": mem.meta["fingerprint"] == off.meta["fingerprint"], "offload_meta": off.meta["offload"]}
+            "fingerprint_equal": mem.meta["fingerprint"] == off.meta["fingerprint"],
+            "offload_meta": off.meta["offload"]}
 
 
 def main(argv=None) -> None:

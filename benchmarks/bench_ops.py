@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from _ops_cases import INPUT_BYTES, copy_fn, cosine_fused, cosine_torch, make_mask, make_pair, taylor_fused, taylor_torch
+from _ops_cases import (
+    INPUT_BYTES,
+    copy_fn,
+    cosine_fused,
+    cosine_torch,
+    make_mask,
+    make_pair,
+    taylor_fused,
+    taylor_torch,
+)
 
 pytest.importorskip("pytest_benchmark")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

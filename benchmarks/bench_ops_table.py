@@ -22,7 +22,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ops_cases import INPUT_BYTES, copy_fn, cosine_fused, cosine_torch, make_mask, make_pair, taylor_fused, taylor_torch  # noqa: E402
+from _ops_cases import (  # noqa: E402
+    INPUT_BYTES,
+    copy_fn,
+    cosine_fused,
+    cosine_torch,
+    make_mask,
+    make_pair,
+    taylor_fused,
+    taylor_torch,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -49,7 +49,7 @@ def _compare(model, data, label: str, heads=("torch", "op")) -> dict:
     naive, c, w = _timed(lambda: removal_ppl_naive(model, data, float64=False))
     res["naive"] = {"cpu_s": c, "wall_s": w}
     for head in heads:
-        s, c, w = _timed(lambda: score_fast(model, data, metrics=("ppl",), progress=False, ppl_head=head))
+        s, c, w = _timed(lambda head=head: score_fast(model, data, metrics=("ppl",), progress=False, ppl_head=head))
         ppl = s.values["ppl"]
         res[f"ppl_{head}"] = {"cpu_s": c, "wall_s": w, "ratio_cpu": c / res["naive"]["cpu_s"],
                               "ratio_wall": w / res["naive"]["wall_s"],
@@ -139,7 +139,8 @@ def report() -> None:
              for p in ("smollm", "scaled", "scaled_2", "scaled_3", "memory") if (OUT / f"ppl_{p}.json").is_file()}
     lines = [f"# PPL criterion benchmarks ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
              f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs (shared with other "
-             f"jobs: load average ~20 during the runs, {os.getloadavg()[0]:.1f} when this report was written), torch {torch.__version__}, transformers "
+             f"jobs: load average ~20 during the runs, {os.getloadavg()[0]:.1f} when this report was written), "
+             f"torch {torch.__version__}, transformers "
              f"{transformers.__version__}, python {platform.python_version()}, commit {_commit()} (+ working tree). "
              "torch threads = 1; times are process CPU seconds (wall in parentheses). The ratios that count are the "
              "CPU ones: the load changed during the runs (the SmolLM2 naive pass ran under ~20 runnable processes, "
@@ -153,7 +154,8 @@ def report() -> None:
         if key not in parts:
             continue
         r = parts[key]
-        lines += [f"## {r['label']}", "", "| method | CPU s (wall s) | ratio vs naive (CPU / wall) | max rel diff vs naive | same ranking |",
+        lines += [f"## {r['label']}", "",
+                  "| method | CPU s (wall s) | ratio vs naive (CPU / wall) | max rel diff vs naive | same ranking |",
                   "|---|---|---|---|---|",
                   f"| naive | {r['naive']['cpu_s']:.1f} ({r['naive']['wall_s']:.1f}) | 1 | - | - |"]
         for head in ("torch", "op"):
@@ -190,7 +192,8 @@ def report() -> None:
               "7B-shape ratios sit at its bound: nothing beyond prefix reuse is claimed, and the head must be "
               "at least as fast as the naive's GEMM + log_softmax for the ratio to hold.",
               "- SmolLM2 lands below the ~0.64 bound because the two heads are not equal: from the measured "
-              "totals (and a block at ~13.6 ms CPU, 1 thread, timed separately) the naive's per-forward head + overhead (full [1, 128, 49152] "
+              "totals (and a block at ~13.6 ms CPU, 1 thread, timed separately) the naive's per-forward head + "
+              "overhead (full [1, 128, 49152] "
               "logits, F.cross_entropy over them, embeddings, masks) is ~0.13 s, the ppl metric's head ~0.10 s "
               "(only the 127 rows that have a target, in <= 64 MB chunks, no [B, T, V] tensor).",
               "- Head implementation: on CPU `lm_head_nll` (the _cpu extension: scalar expf online log-sum-exp, "

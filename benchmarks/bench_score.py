@@ -83,7 +83,7 @@ def timing(reps: int = 3) -> dict:
     }
     times = {k: [] for k in fns}
     with torch.no_grad():
-        for k, f in fns.items():
+        for _, f in fns.items():
             f()  # warm-up
         for _ in range(reps):
             for k, f in fns.items():

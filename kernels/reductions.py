@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import triton.language as tl
 
+
 def cosine_kernel(x_ptr, y_ptr, m_ptr, part_ptr, N, D, sx, sy,
                   HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)

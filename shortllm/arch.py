@@ -58,7 +58,8 @@ REGISTRY: dict[str, ArchSpec] = {
                      final_norm="transformer.ln_f", attn="attn", mlp="mlp", attn_out="attn.c_proj",
                      mlp_out="mlp.c_proj", num_layers_key="n_layer"),
     "opt": ArchSpec(blocks="model.decoder.layers",
-                    embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
+                    embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions",
+                                "model.decoder.project_in"),
                     final_norm="model.decoder.final_layer_norm", head_extra=("model.decoder.project_out",),
                     attn="self_attn", mlp="fc2", attn_out="self_attn.out_proj", mlp_out="fc2"),
     "gpt_neox": ArchSpec(blocks="gpt_neox.layers", embeddings=("gpt_neox.embed_in",),
@@ -201,7 +202,8 @@ def get_adapter(model: nn.Module, spec: Optional[ArchSpec] = None, **paths) -> A
         raise UnsupportedModelError(f"{type(model).__name__}: no decoder blocks at '{spec.blocks}' "
                                     f"(found {type(blocks).__name__}); " + _supported_text())
     if adapter.final_norm() is None:
-        raise UnsupportedModelError(f"{type(model).__name__}: no final norm at '{spec.final_norm}'; " + _supported_text())
+        raise UnsupportedModelError(f"{type(model).__name__}: no final norm at '{spec.final_norm}'; "
+                                    + _supported_text())
     if adapter.lm_head() is None or not hasattr(adapter.lm_head(), "weight"):
         raise UnsupportedModelError(f"{type(model).__name__} has no LM head (is it a base model without "
                                     f"*ForCausalLM?); load it with AutoModelForCausalLM. " + _supported_text())

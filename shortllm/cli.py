@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from .errors import ModelLoadError, ShortLLMError
 
 # stage modules that contribute subcommands through `register_cli(subparsers)`
-_CLI_MODULES = ("shortllm.search", "shortllm.prune", "shortllm.evaluate", "shortllm.retrain")
+_CLI_MODULES = ("shortllm.search", "shortllm.prune", "shortllm.eval_cli", "shortllm.retrain")
 
 
 def add_data_args(p: argparse.ArgumentParser, samples: int = 10, seq_len: int = 128) -> None:
@@ -48,9 +48,10 @@ def write_scores(scores, out: Path) -> list[Path]:
 
 
 def _score(args) -> int:
-    from .engine import score_fast
+    from .engine import parse_metrics, score_fast
     from .models import load_model
 
+    parse_metrics(args.metrics)  # a typo fails in a second, before the model is loaded or converted
     if args.distributed:
         import torch.distributed as dist
 

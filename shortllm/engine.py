@@ -136,7 +136,8 @@ class Engine:
             self.model.config, "n_positions", None)
         if max_pos is not None and ids.shape[1] > max_pos:
             raise SequenceTooLongError(f"batch {index} has sequences of {ids.shape[1]} tokens but the model supports "
-                                       f"{max_pos} positions; use a shorter seq_len (e.g. --seq-len {min(max_pos, 2048)})")
+                                       f"{max_pos} positions; use a shorter seq_len "
+                                       f"(e.g. --seq-len {min(max_pos, 2048)})")
         ids, mask = ids.to(self.device), mask.to(self.device)
         valid = mask.reshape(-1) != 0
         n_valid = int(valid.sum())

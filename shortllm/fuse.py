@@ -155,7 +155,8 @@ def dropped_branches(model: nn.Module) -> list[tuple[str, int]]:
     for i, block in enumerate(ad.blocks()):
         for kind in ("attn", "mlp"):
             proj = ad.attn_out(block) if kind == "attn" else ad.mlp_out(block)
-            if isinstance(ad.branch(block, kind), (DroppedAttention, DroppedMLP)) or (proj is not None and _is_zero(proj)):
+            dropped = isinstance(ad.branch(block, kind), (DroppedAttention, DroppedMLP))
+            if dropped or (proj is not None and _is_zero(proj)):
                 out.append((kind, i))
     return out
 

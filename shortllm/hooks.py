@@ -28,7 +28,8 @@ def block_output(out) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def block_io_hooks(blocks: Sequence[nn.Module], on_block: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+def block_io_hooks(blocks: Sequence[nn.Module],
+                   on_block: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
     """Call `on_block(i, h_in, h_out)` after each block's forward; hooks removed on exit, even on error."""
     inputs: dict[int, torch.Tensor] = {}
     handles = []

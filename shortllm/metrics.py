@@ -76,10 +76,10 @@ class CosineCollector(Collector):
         span_mask = ctx.last if (self.want_angular and self.tokens == "last") else ctx.valid
         spans = self.n_max if self.want_angular else 1
         for n in range(1, spans + 1):
-            l = j + 1 - n
-            if l < 0:
+            start = j + 1 - n
+            if start < 0:
                 break
-            cosine_stats_(self.ring[l], x_out, span_mask, self.acc[n - 1, l])
+            cosine_stats_(self.ring[start], x_out, span_mask, self.acc[n - 1, start])
         if self.separate_bi:
             cosine_stats_(self.ring[j], x_out, ctx.valid, self.bi_acc[j])
         self.ring.pop(j + 1 - spans, None)  # no later span starts there
@@ -96,8 +96,8 @@ class CosineCollector(Collector):
         if self.want_angular:
             ang = acc[:, :, 1] / acc[:, :, 2]
             n = torch.arange(1, self.n_max + 1)[:, None]
-            l = torch.arange(self.L)[None, :]
-            out["angular"] = torch.where(l + n > self.L, torch.full_like(ang, float("nan")), ang)
+            start = torch.arange(self.L)[None, :]
+            out["angular"] = torch.where(start + n > self.L, torch.full_like(ang, float("nan")), ang)
         return out
 
     def accumulators(self) -> list[Tensor]:

@@ -253,7 +253,7 @@ class OffloadScorer:
             weights = self.adapter.block_weights(blk)
             buffers: dict[int, Tensor] = {}
 
-            def hook(p, i=j):
+            def hook(p, i=j, buffers=buffers):
                 # the same reduction as metrics.TaylorCollector, so results match score_fast
                 if stream:
                     taylor_stats_(p.detach(), p.grad, acc[i])
@@ -268,7 +268,7 @@ class OffloadScorer:
 
             handles = [p.register_post_accumulate_grad_hook(hook) for _, p in weights]
             try:
-                for b, ctx in enumerate(ctxs):
+                for b, _ in enumerate(ctxs):
                     x = store.get(("in", j, b), self.device).detach()
                     if j > 0:
                         x.requires_grad_(True)
@@ -379,7 +379,7 @@ def add_offload_args(parser) -> None:
 def run_offload_from_args(args, data: Optional[Iterable[dict]] = None):
     """`score_checkpoint` from parsed CLI arguments (`args.model` is the checkpoint dir); data from the CLI's
     data options with the checkpoint's tokenizer unless `data` is given."""
-    ckpt = Path(getattr(args, "model", None) or getattr(args, "checkpoint_dir")).expanduser()
+    ckpt = Path(getattr(args, "model", None) or args.checkpoint_dir).expanduser()
     if data is None:
         from transformers import AutoTokenizer
 

@@ -272,7 +272,7 @@ class BlockLoader:
                                   "the weights (or a shard is missing from the index)")
 
     def load(self, module: nn.Module, prefix: str, requires_grad: Sequence[str] = (), recurse: bool = True) -> None:
-        for name, p in list(module.named_parameters(recurse=recurse, remove_duplicate=False)):
+        for name, _ in list(module.named_parameters(recurse=recurse, remove_duplicate=False)):
             full = f"{prefix}.{name}" if prefix else name
             t = self.reader.read(self.keys[full], self.dtype, self.device)
             if full not in self.samples and t.is_floating_point():

@@ -153,7 +153,8 @@ class Plan:
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise PlanError(f"plan file {path} does not exist; create it with shortllm.make_plan(...).save(path)")
+            raise PlanError(f"plan file {path} does not exist; "
+                            "create it with shortllm.make_plan(...).save(path)") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise PlanError(f"{path} is not valid JSON ({exc}); re-create the plan") from None
         try:
@@ -186,7 +187,8 @@ def _validate(num_layers: int, removed: Sequence[int], branches: Sequence[tuple[
     if len(set(branches)) != len(branches):
         raise PlanError(f"duplicate branches in {list(branches)}")
     if not removed and not branches:
-        raise PlanError("the plan removes nothing; ask for remove=K >= 1, a ratio in (0, 1), or a non-empty blocks list")
+        raise PlanError("the plan removes nothing; "
+                        "ask for remove=K >= 1, a ratio in (0, 1), or a non-empty blocks list")
 
 
 def _params_after(adapter, removed: Sequence[int], branches: Sequence[tuple[str, int]]) -> tuple[int, int]:
@@ -250,7 +252,8 @@ def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: 
     if sum(asked) > 1:
         raise PlanError("give only one of remove=K, ratio=r or blocks=[...]")
     if sum(asked) == 0 and not branches:
-        raise PlanError("say what to remove: remove=K blocks, ratio=r of the parameters, blocks=[...] or branches=[...]")
+        raise PlanError("say what to remove: "
+                        "remove=K blocks, ratio=r of the parameters, blocks=[...] or branches=[...]")
     first, last = _protect_for(metric if blocks is None else None, protect, L)
     removable = L - first - last
     blocks_mod = adapter.blocks()
@@ -325,12 +328,12 @@ def _span(scores: Scores, n: Optional[int], ratio: Optional[float], first: int, 
     if n > n_max:
         raise PlanError(f"a span of {n} blocks is longer than the scored n_max={n_max}; re-score with "
                         f"n_max >= {n} or ask for a shorter span")
-    starts = [l for l in range(first, L - last - n + 1)]
+    starts = list(range(first, L - last - n + 1))
     if not starts:
         raise PlanError(f"no span of {n} blocks fits between the protected first {first} and last {last} of "
                         f"{L} blocks; ask for a shorter span or lower protect")
     row = ang[n - 1]
-    best = min(starts, key=lambda l: (float("inf") if row[l].isnan() else float(row[l]), l))
+    best = min(starts, key=lambda s: (float("inf") if row[s].isnan() else float(row[s]), s))
     return list(range(best, best + n))
 
 

@@ -172,7 +172,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="output checkpoint dir (must not exist)")
     p.add_argument("--mergekit", help="also write a mergekit passthrough YAML of the plan here")
     p.add_argument("--plan-out", help="also write the plan JSON here")
-    p.add_argument("--fused", action="store_true", help="export the fused inference model (load with shortllm.load_fused)")
+    p.add_argument("--fused", action="store_true",
+                   help="export the fused inference model (load with shortllm.load_fused)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.add_argument("--max-shard-size", default="2GB")
     p.set_defaults(func=_prune_cmd)

@@ -60,7 +60,8 @@ def _cli_retrain(args) -> int:
         dtype="bf16" if args.bf16 else "fp32", gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         save_every=args.save_every, eval_every=args.eval_every, heldout_fraction=args.heldout_fraction,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None,
+        lora_target_modules=([t.strip() for t in args.lora_targets.split(",") if t.strip()]
+                             if args.lora_targets else None),
     ).validate()
     out = Path(args.output).expanduser()
     _prepare_out_dir(out, args.resume)  # fail before the slow model load

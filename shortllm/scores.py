@@ -126,7 +126,8 @@ class Scores:
             if meta.get("format") != FORMAT:
                 raise KeyError("format")
         except FileNotFoundError:
-            raise DataError(f"scores file {path} does not exist; create it with `shortllm score MODEL -o {path}`")
+            raise DataError(f"scores file {path} does not exist; "
+                            f"create it with `shortllm score MODEL -o {path}`") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path} is not a valid shortllm scores file ({type(exc).__name__}: {exc}); "
                             "re-create it with `shortllm score`") from None

@@ -95,7 +95,7 @@ def measure(variants: dict[str, nn.Module], batches: list[int], prompt_len: int,
         ids = torch.randint(10, vocab, (b, plen), generator=g)
         t1 = {k: [] for k in variants}
         tn = {k: [] for k in variants}
-        for name, m in variants.items():  # warm-up
+        for _, m in variants.items():  # warm-up
             _gen_time(m, ids, 2, 0)
         for rep in range(reps):
             for name, m in variants.items():
@@ -124,15 +124,16 @@ def report(rows: list[dict], variants: dict[str, nn.Module], out: Path, meta: di
     base = {(r["batch"]): r for r in rows if r["model"] == "original"}
     lines = [f"# Speed: depth vs width pruning vs fused ({meta['model']})", "",
              f"Conditions: {meta['conditions']}", "",
-             "| model | params | batch | prefill tok/s | decode tok/s (min–max) | wall decode tok/s | decode speedup | ideal "
-             "| speedup ÷ ideal |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | params | batch | prefill tok/s | decode tok/s (min–max) | wall decode tok/s "
+             "| decode speedup | ideal | speedup ÷ ideal |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b0 = base[r["batch"]]
         sp = r["decode_tok_s"] / b0["decode_tok_s"]
         ideal = touched["original"] / touched[r["model"]]
         lo, hi = r["decode_spread"]
         lines.append(f"| {r['model']} | {params[r['model']] / 1e6:.1f}M | {r['batch']} | {r['prefill_tok_s']:.0f} | "
-                     f"{r['decode_tok_s']:.1f} ({lo:.1f}–{hi:.1f}) | {r['wall_decode_tok_s']:.1f} | {sp:.3f} | {ideal:.3f} | {sp / ideal:.3f} |")
+                     f"{r['decode_tok_s']:.1f} ({lo:.1f}–{hi:.1f}) | {r['wall_decode_tok_s']:.1f} | {sp:.3f} | "
+                     f"{ideal:.3f} | {sp / ideal:.3f} |")
     lines += ["", "## Acceptance (batch-1 decode)", ""]
     b1 = {r["model"]: r for r in rows if r["batch"] == 1}
     for name in b1:

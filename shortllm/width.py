@@ -26,7 +26,9 @@ def _shrink_linear(lin: nn.Linear, rows=None, cols=None) -> nn.Linear:
         w = w[rows]
     if cols is not None:
         w = w[:, cols]
-    b = lin.bias.data[rows] if (lin.bias is not None and rows is not None) else (lin.bias.data if lin.bias is not None else None)
+    b = None if lin.bias is None else lin.bias.data
+    if b is not None and rows is not None:
+        b = b[rows]
     new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
     new.weight.data.copy_(w)
     if b is not None:

@@ -39,6 +39,7 @@ def data_dir() -> Path:
 def backend(request, monkeypatch):
     """Every kernel backend in turn, forced through SHORTLLM_BACKEND (the op tests compare each to `_ref`)."""
     from ops_helpers import need_triton
+
     from shortllm.ops import _backend
 
     name = request.param

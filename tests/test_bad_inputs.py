@@ -9,13 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import make_tiny, random_batch
 
 from shortllm import errors as E
-from tiny_models import make_tiny, random_batch
 
 # words that say how to fix it: every message must contain one of these
 FIX_WORDS = ("use", "pass", "give", "choose", "remove", "drop", "lower", "delete", "re-", "score", "rerun", "load",
-             "point", "ask", "set", "add", "e.g.", "fewer", "check", "free", "make", "restore", "fix", "rename", "at most", "must")
+             "point", "ask", "set", "add", "e.g.", "fewer", "check", "free", "make", "restore", "fix", "rename",
+             "at most", "must")
 
 
 def _tokenizer(with_pad: bool = True):

@@ -255,7 +255,8 @@ def test_list_of_short_strings_is_padded_and_masked():
     assert cal.n_tokens == 10
     assert torch.equal(ids[1], tokenize_text(tok, "abcde"))
     assert ids[0, 2:].tolist() == [3, 3, 3], "pads use eos when the tokenizer has no pad token"
-    assert calibration_loader(["a", "abc"], CharTok(pad=7), n_samples=2, mode="contiguous").batches[0]["input_ids"][0, 1:].tolist() == [7, 7]
+    padded = calibration_loader(["a", "abc"], CharTok(pad=7), n_samples=2, mode="contiguous")
+    assert padded.batches[0]["input_ids"][0, 1:].tolist() == [7, 7]
     assert calibration_loader(["a", "abc"], CharTok(pad=None, eos=None), n_samples=2, mode="contiguous",
                               batch_size=2).batches[0]["input_ids"][0, 1:].tolist() == [0, 0]
     assert calibration_loader(["a", "abc"], CharTok(pad=7), n_samples=2, mode="contiguous", pad_token_id=9,

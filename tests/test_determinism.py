@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scoring_worker import load_scores
 
 HERE = Path(__file__).resolve().parent

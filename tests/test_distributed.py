@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scoring_worker import build_data, build_model, load_scores, score_job
 
 HERE = Path(__file__).resolve().parent
@@ -63,7 +62,8 @@ def torchrun_results(tmp_path_factory):
             j["checkpoint"] = str(tmp / f"ckpt_{j['name']}")
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"threads": 1, "jobs": jobs}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "scoring_worker.py"), str(spec), str(tmp)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -115,7 +115,8 @@ def test_shard_is_disjoint_and_covers(monkeypatch):
             monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
             monkeypatch.setattr(torch.distributed, "get_rank", lambda r=rank: r)
             monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 3)
-            seen += [int(b["input_ids"].sum()) * 1000 + b["input_ids"].numel() for b in engine.shard_for_rank(wrap(data))]
+            seen += [int(b["input_ids"].sum()) * 1000 + b["input_ids"].numel()
+                     for b in engine.shard_for_rank(wrap(data))]
         assert sorted(seen) == sorted(int(b["input_ids"].sum()) * 1000 + b["input_ids"].numel() for b in data)
 
 

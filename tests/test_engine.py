@@ -3,12 +3,12 @@ import math
 
 import pytest
 import torch
+from tiny_models import TINY_ARCHS, make_tiny, random_batch
 
 import shortllm
 from shortllm.errors import EmptyLoaderError, MetricError, NonFiniteError, ScoresMismatchError, SequenceTooLongError
 from shortllm.reference import score_reference
 from shortllm.scores import Scores
-from tiny_models import TINY_ARCHS, make_tiny, random_batch
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 FULLY_FLOAT64 = ("gpt2", "opt", "gpt_neox")
@@ -101,8 +101,8 @@ def test_angular_matrix_layout():
     a = s.values["angular"]
     assert a.shape == (3, 4)
     for n in range(1, 4):
-        for l in range(4):
-            assert math.isnan(a[n - 1, l]) == (l + n > 4), (n, l)
+        for start in range(4):
+            assert math.isnan(a[n - 1, start]) == (start + n > 4), (n, start)
 
 
 def test_gradient_checkpointing_same_scores_and_hooks_fire_once():

@@ -40,7 +40,8 @@ def _ref_chunks(tok, text, seq_len, bos):
 def _ref_nll_sum(model, chunks):
     with torch.no_grad():
         logits = model(chunks).logits.double()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), chunks[:, 1:].reshape(-1), reduction="sum").item()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), chunks[:, 1:].reshape(-1),
+                           reduction="sum").item()
 
 
 @pytest.mark.parametrize("arch,bos", [("llama", "none"), ("llama", "once"), ("llama", "every_chunk"),
@@ -212,7 +213,7 @@ def test_real_model_ppl_matches_logits(smollm2, data_dir):
 def test_real_model_zeroshot_smoke(smollm2):
     model, tokz = smollm2
     res = ev.zeroshot(model, tokz, ("arc_easy", "winogrande"), limit=4, progress=False, return_details=True)
-    for name, t in res.tasks.items():
+    for t in res.tasks.values():
         assert t["n"] == 4 and 0.0 <= t["acc"] <= 1.0
         assert all(all(x < 0 for x in d["lls"]) for d in t["details"])
     assert res.mean == pytest.approx((res.tasks["arc_easy"]["acc"] + res.tasks["winogrande"]["acc"]) / 2)

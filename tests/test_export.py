@@ -34,7 +34,8 @@ for arch, d in jobs["dirs"].items():
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         p = ids[:1, :7]
-        kw = dict(attention_mask=torch.ones_like(p), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        kw = dict(attention_mask=torch.ones_like(p), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                  pad_token_id=0)
         g1 = model.generate(p, use_cache=True, **kw)
         g0 = model.generate(p, use_cache=False, **kw)
     save_file({"logits": logits.contiguous()}, d + "/child_logits.safetensors")
@@ -77,7 +78,8 @@ def test_export_every_arch_loads_without_shortllm(tmp_path):
         _check_index(d)
         meta = json.loads((d / "shortllm.json").read_text())
         assert Plan.from_dict(meta["plan"]).to_dict() == plan.to_dict()
-        assert meta["config_changes"][pruned.config.__class__.attribute_map.get("num_hidden_layers", "num_hidden_layers")][1] == 3
+        layers_key = pruned.config.__class__.attribute_map.get("num_hidden_layers", "num_hidden_layers")
+        assert meta["config_changes"][layers_key][1] == 3
         with torch.no_grad():
             logits = pruned(**batch, use_cache=False).logits
         p = batch["input_ids"][:1, :7]
@@ -199,7 +201,8 @@ def test_cli_prune(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers(dest="cmd"))
     argv = ["prune", str(tmp_path / "m"), "--scores", str(tmp_path / "s.json"), "--metric", "mag", "--remove", "2",
-            "-o", str(tmp_path / "out"), "--mergekit", str(tmp_path / "plan.yaml"), "--plan-out", str(tmp_path / "p.json")]
+            "-o", str(tmp_path / "out"), "--mergekit", str(tmp_path / "plan.yaml"),
+            "--plan-out", str(tmp_path / "p.json")]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     plan = Plan.load(tmp_path / "p.json")

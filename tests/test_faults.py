@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_models import make_tiny
 
 HERE = Path(__file__).resolve().parent
@@ -120,6 +119,7 @@ def _plant(directory: Path, marker: Path) -> None:
 
 def test_loaders_never_unpickle(tmp_path):
     from shortllm.engine import score_fast
+    from shortllm.errors import ModelLoadError
     from shortllm.export import export
     from shortllm.models import load_model
     from shortllm.scores import Scores
@@ -152,6 +152,8 @@ def test_loaders_never_unpickle(tmp_path):
     only_pickle.mkdir()
     model.config.save_pretrained(only_pickle)
     _plant(only_pickle, marker)
-    with pytest.raises(Exception):
+    # torch's weights_only unpickler rejects the payload; transformers versions that refuse torch.load
+    # outright raise ValueError instead, which load_model wraps
+    with pytest.raises((pickle.UnpicklingError, ModelLoadError)):
         load_model(str(only_pickle))
     assert not marker.exists(), "a planted pickle was executed by a shortllm loader"

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import make_tiny
 
 from shortllm import models as M
 from shortllm.errors import ModelLoadError
 from shortllm.models import builtin_checkpoint, load_model, model_id
-from tiny_models import make_tiny
 
 ENGLISH = ("The history of the city goes back to the Roman period, when a small settlement grew up "
            "around the river crossing. In the Middle Ages it became an important market town, and "

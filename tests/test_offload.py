@@ -6,19 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
+from tiny_models import make_tiny, random_batch
 
 from shortllm import offload_io
 from shortllm.engine import score_fast
 from shortllm.errors import CheckpointError, DiskSpaceError, ModelLoadError, ShortLLMError
 from shortllm.offload import BlockLoader, add_offload_args, run_offload_from_args, score_checkpoint
-from tiny_models import make_tiny, random_batch
 
 ALL = ("bi", "angular", "mag", "taylor", "ppl")
 # max relative difference allowed between out-of-core and in-memory scores, by compute dtype

@@ -10,9 +10,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ops_helpers import need_triton
 
 from shortllm.ops import _backend, cosine_stats_, cosine_stats_ref
-from ops_helpers import need_triton
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES = (F32, BF16, F16)

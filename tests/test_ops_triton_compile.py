@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 
 import pytest
 
@@ -17,7 +17,8 @@ from triton.runtime.jit import JITFunction
 from shortllm.kernels import cross_entropy as C, reductions as R
 
 def comp(fn, sig, consts, arch):
-    k = triton.compile(ASTSource(fn=JITFunction(fn), signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32))
+    k = triton.compile(ASTSource(fn=JITFunction(fn), signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", arch, 32))
     assert len(k.asm["cubin"]) > 1000, fn.__name__
 
 cos_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "m_ptr": "*u8", "part_ptr": "*fp64", "N": "i32", "D": "i32",

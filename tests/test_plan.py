@@ -171,7 +171,8 @@ def test_plan_from_real_mag_scores(model):
     batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     s = score_fast(model, [batch], metrics=("mag",), progress=False)
     plan = make_plan(s, "mag", model=model, remove=2)
-    mags = [sum(float(p.detach().abs().sum()) for n, p in b.named_parameters() if "weight" in n) for b in model.model.layers]
+    mags = [sum(float(p.detach().abs().sum()) for n, p in b.named_parameters() if "weight" in n)
+            for b in model.model.layers]
     expect = sorted(sorted(range(4, L - 2), key=lambda i: mags[i])[:2])
     assert plan.removed == expect
 

@@ -3,13 +3,13 @@ import math
 
 import pytest
 import torch
+from tiny_models import make_tiny, random_batch
 
+from shortllm.arch import get_adapter
 from shortllm.engine import score_fast
 from shortllm.errors import EmptyLoaderError, MetricError
 from shortllm.ops.cross_entropy import lm_head_nll_ref
-from shortllm.arch import get_adapter
 from shortllm.ppl import HeadLoss, delete_blocks_copy, mean_nll_full, removal_ppl_naive
-from tiny_models import make_tiny, random_batch
 
 
 def _reference(model, data):

@@ -3,12 +3,12 @@ import copy
 
 import pytest
 import torch
+from tiny_models import make_tiny, random_batch
 
 from shortllm.arch import get_adapter
 from shortllm.hooks import block_output
 from shortllm.ppl import delete_blocks_copy, mean_nll_full
 from shortllm.replay import BlockCall, capture_calls, layers_removed, run_blocks, zeroed_branches
-from tiny_models import make_tiny, random_batch
 
 
 def _last_block_output(model, batch):

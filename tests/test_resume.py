@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scoring_worker import build_data, build_model, load_scores, score_job
 
 HERE = Path(__file__).resolve().parent
@@ -124,7 +123,7 @@ def test_interrupted_twice_resumes_bit_identical(tmp_path, dtype):
     ref = _single_thread(lambda: score_fast(model, data, metrics=metrics, progress=False))
     for cut in (3, 6):
         with pytest.raises(_Interrupt):
-            _single_thread(lambda: _score(model, _StopAfter(data, cut), tmp_path / "ck", metrics))
+            _single_thread(lambda cut=cut: _score(model, _StopAfter(data, cut), tmp_path / "ck", metrics))
     rec = _record(tmp_path / "ck")
     assert rec["consumed"] == 6 and not rec["complete"]
     out = _single_thread(lambda: _score(model, data, tmp_path / "ck", metrics))

@@ -13,8 +13,15 @@ import torch
 from tiny_models import make_tiny
 
 from shortllm.errors import CheckpointError, DataError, ExportError, ShortLLMError
-from shortllm.retrain import (RetrainConfig, RetrainConfigError, _wrap_lora, lora_target_modules, register_cli,
-                              retrain, save_retrained)
+from shortllm.retrain import (
+    RetrainConfig,
+    RetrainConfigError,
+    _wrap_lora,
+    lora_target_modules,
+    register_cli,
+    retrain,
+    save_retrained,
+)
 from shortllm.retrain_data import RetrainData, instruction_data, load_retrain_data, text_data
 
 pytest.importorskip("peft")
@@ -37,7 +44,8 @@ def char_tokenizer():
 def toy_corpus(n_sentences: int = 400, seed: int = 0) -> str:
     """Sentences from a tiny grammar: far more predictable than a random model's uniform guess."""
     rng = random.Random(seed)
-    subj, verb, obj = ["the cat", "a dog", "the bird", "my fish"], ["sat on", "ran to", "saw"], ["the mat", "a tree", "the sea"]
+    subj = ["the cat", "a dog", "the bird", "my fish"]
+    verb, obj = ["sat on", "ran to", "saw"], ["the mat", "a tree", "the sea"]
     return "\n".join(f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)}." for _ in range(n_sentences))
 
 
@@ -74,7 +82,8 @@ def state(model) -> dict:
 
 # ---------------------------------------------------------------- config and data
 def test_config_roundtrip_schedule_and_errors():
-    c = RetrainConfig(method="cpt", steps=20, lr=1e-3, warmup_steps=4, schedule="cosine", lora_target_modules=["q_proj"])
+    c = RetrainConfig(method="cpt", steps=20, lr=1e-3, warmup_steps=4, schedule="cosine",
+                      lora_target_modules=["q_proj"])
     assert RetrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     assert [c.lr_at(s) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert c.lr_at(4 + 8) == pytest.approx(0.5e-3)  # cosine half-way through the decay
@@ -100,7 +109,8 @@ def test_text_data_chunks_and_tail_heldout(tok):
     flat = torch.cat([x for x, _ in d.train + d.heldout]).tolist()
     assert flat == ids[: n * 16], "chunks are the corpus in order, held-out split is the tail"
     assert all(torch.equal(x, y) for x, y in d.train), "causal LM: labels == input_ids"
-    assert d.fingerprint() == text_data(text, tok, 16, 0.25).fingerprint() != text_data(text[:-40], tok, 16, 0.25).fingerprint()
+    same, shorter = text_data(text, tok, 16, 0.25), text_data(text[:-40], tok, 16, 0.25)
+    assert d.fingerprint() == same.fingerprint() != shorter.fingerprint()
     with pytest.raises(DataError, match="empty"):
         text_data("   \n", tok, 16)
     with pytest.raises(DataError, match="tokenizer"):
@@ -156,7 +166,8 @@ def test_merged_lora_export_matches_peft_logits(arch, tok, toy, tmp_path):
     model = make_tiny(arch)
     r = retrain(model, tok, toy, c, out_dir=tmp_path / "run", progress=False)
     out = save_retrained(r.model, tok, tmp_path / "export")
-    assert not list(out.glob("*.bin")) and not (out / "adapter_config.json").exists() and (out / "model.safetensors").is_file()
+    assert not list(out.glob("*.bin")) and not (out / "adapter_config.json").exists()
+    assert (out / "model.safetensors").is_file()
     with pytest.raises(ExportError, match="already exists"):
         save_retrained(r.model, tok, tmp_path / "export")
     # rebuild the peft model from the untouched base + the final LoRA checkpoint

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from tiny_models import make_tiny, random_batch
 
 from shortllm.arch import get_adapter
 from shortllm.errors import EmptyLoaderError, PlanError
 from shortllm.ppl import delete_blocks_copy, mean_nll_full
 from shortllm.search import iterative, register_cli, subblock
-from tiny_models import make_tiny, random_batch
 
 
 def _data():

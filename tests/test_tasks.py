@@ -103,7 +103,8 @@ def hand_data(tmp_path):
     d = tmp_path
     _jsonl(d / "boolq/boolq.jsonl.gz", [{"query": "Passage: p\nQuestion: q?", "choices": ["no", "yes"], "gold": g}
                                         for g in (1, 0, 1)])
-    _jsonl(d / "piqa/valid.jsonl", [{"goal": "g", "sol1": "good", "sol2": "bad"}, {"goal": "g", "sol1": "bad x", "sol2": "good"}])
+    _jsonl(d / "piqa/valid.jsonl", [{"goal": "g", "sol1": "good", "sol2": "bad"},
+                                    {"goal": "g", "sol1": "bad x", "sol2": "good"}])
     (d / "piqa/valid-labels.lst").write_text("0\n0\n")
     _jsonl(d / "winogrande/winogrande.jsonl", [
         {"context_options": ["It was so good", "It was so bad"], "continuation": "went home.", "gold": 0},

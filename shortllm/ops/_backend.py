@@ -38,7 +38,7 @@ def _load(name: str) -> dict[str, Callable] | None:
     if name not in _loaded:
         try:
             mod = importlib.import_module(f"shortllm.ops._{name}_backend")
-            _loaded[name] = dict(getattr(mod, "IMPLS"))
+            _loaded[name] = dict(mod.IMPLS)
         except Exception as exc:  # an optional backend must never break import
             _loaded[name] = None
             if os.environ.get("SHORTLLM_BACKEND") == name or name == "cpu":

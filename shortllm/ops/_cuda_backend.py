@@ -8,9 +8,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .. import _cuda  # noqa: F401 - ImportError here means "extension not built"
 from . import _backend
 from .cross_entropy import chunk_rows_for
-from .. import _cuda  # noqa: F401 - ImportError here means "extension not built"
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _VOCAB_CHUNK = 32768

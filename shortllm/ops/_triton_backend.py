@@ -10,12 +10,13 @@ import os
 from typing import Callable, Optional
 
 import torch
+import triton  # noqa: F401 - ImportError here means "backend unavailable"
 from torch import Tensor
 
-import triton  # noqa: F401 - ImportError here means "backend unavailable"
-
+from ..kernels import _jit
+from ..kernels import cross_entropy as _ce
+from ..kernels import reductions as _red
 from . import _backend
-from ..kernels import _jit, cross_entropy as _ce, reductions as _red
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -182,12 +182,14 @@ def lm_head_nll(
     ignore_index: int = -100,
     chunk_rows: int = 0,
 ) -> Tensor:
-    """Per-row NLL [N] (float32; float64 for float64 inputs; 0 for ignored rows) of `h` [N, D] through the LM head `weight` [V, D].
+    """Per-row NLL [N] (float32; float64 for float64 inputs; 0 for ignored rows) of `h` [N, D] through the LM
+    head `weight` [V, D].
 
     Never materialises more than `chunk_rows` x V logits; differentiable.
     """
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
-        raise ValueError(f"lm_head_nll: h must be [N, D] and weight [V, D]; got {tuple(h.shape)}, {tuple(weight.shape)}")
+        raise ValueError(f"lm_head_nll: h must be [N, D] and weight [V, D]; "
+                         f"got {tuple(h.shape)}, {tuple(weight.shape)}")
     if targets.shape != (h.shape[0],):
         raise ValueError(f"lm_head_nll: targets must be [N]={h.shape[0]}; got {tuple(targets.shape)}")
     nll, _ = _lm_head_nll_fwd(h.contiguous(), weight, bias, targets.to(torch.long).contiguous(),
