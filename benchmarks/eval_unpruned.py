@@ -57,6 +57,10 @@ def _task_piece(model, tok, name: str, limit, batch_size: int) -> dict:
     return zeroshot(model, tok, [name], limit=limit, batch_size=batch_size).tasks[name]
 
 
+def _full_minutes(part: dict, n_full: int) -> float:
+    return part["wall_s"] * n_full / part["n"] / 60
+
+
 def _render(ppl: list[dict], tasks: dict, limits: dict) -> str:
     first = (ppl or list(tasks.values()))[0]["stamp"]
     lines = [
@@ -97,10 +101,13 @@ def _render(ppl: list[dict], tasks: dict, limits: dict) -> str:
         "characters) for HellaSwag, ARC-c, OBQA. ± is lm-eval's standard error. Identical inputs (BoolQ's "
         "one-token ` no`/` yes`) run once. Prompts: `shortllm/tasks.py` docstring (HellaSwag's `ctx_b` "
         "capitalisation is recovered heuristically from the llama.cpp-format file).",
-        f"Limits: {json.dumps(limits)} (HellaSwag's 10,042 items x 4 endings are ~4.4 M tokens, about 2 h of "
-        "this CPU; its first N items in file order are used).", "",
+        f"Limits: {json.dumps(limits) if limits else 'none'} (a limited task uses its first N items in file order"
+        + (f"; HellaSwag's 10,042 items would take ~{_full_minutes(tasks['hellaswag'], 10042):.0f} min at this "
+           "run's rate" if "hellaswag" in limits and "hellaswag" in tasks else "") + ").",
+        f"Total wall time of the pieces: {sum(r['wall_s'] for r in [*ppl, *tasks.values()]) / 60:.0f} min.", "",
         "**BoolQ.** The model answers ` no` for almost every passage (on the first 200 items: 194 `no`, 6 `yes`), "
-        "so its acc sits near the 37.8% share of `no` answers in the dev set, below the always-`yes` 62.2%. "
+        "so its acc on the full split sits near the 37.8% share of `no` answers in the dev set, below the "
+        "always-`yes` 62.2%. "
         "The first items of the file happen to be mostly `yes`, which is why early 20-30-item subsets showed "
         "15-17%. The labels were checked against the official dev set (item 0 `does ethanol take more energy "
         "make that produces` = false, items 1-2 = true, as here) and the yes:no count matches (2033:1237).",
