@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
         (tmp / label).mkdir()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(STRICT if _mkl_x86() else {})}
         proc = subprocess.run([sys.executable, str(HERE / "scoring_worker.py"), str(spec), str(tmp / label)],
-                              env=env, capture_output=True, text=True, timeout=300)
+                              env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[label] = {j["name"]: load_scores(tmp / label / f"{j['name']}.rank0.safetensors")[0] for j in JOBS}
     return out
