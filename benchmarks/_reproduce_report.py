@@ -240,7 +240,8 @@ def write_report(out_dir, report_path, knobs: Knobs, model_name: str = "smollm2-
         f"{wall / 60:.1f} min, CPU {cpu / 60:.1f} min (process time, all threads; the SLEB search is inside its "
         "first cell's time).",
         "- Ratio = share of all parameters (embeddings included) removed, rounded to whole blocks.",
-        "- Command: `python benchmarks/reproduce_paper.py --preset " + k.preset + " --threads 1` (resumable).", "",
+        "- Command: `python benchmarks/reproduce_paper.py --preset " + k.preset + "` (resumable; `--threads 1` on a "
+        "shared box).", "",
         table(cells, k), "",
         f"![PPL vs removed parameters]({ppl_png.name})  ![per-block profile]({prof_png.name})", "",
         "## Which seed findings hold (computed from the table)", "",

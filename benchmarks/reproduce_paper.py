@@ -13,10 +13,10 @@ Every cell's result is one JSON file under ``--out`` (written atomically); a rer
 whose knobs match. The one-pass scores (bi/taylor/mag/ppl) and the SLEB removal order are cached there
 too. ``--report-only`` re-renders the Markdown and plots from whatever cells exist.
 
-Time on this machine (2 cores shared with other jobs, fp32, --threads 1, which is 3-4x faster than 2
-threads when the box is loaded). Measured, smoke: one-pass scoring 75 s, SLEB search (13 rounds) ~300 s,
-a cell's evaluation 45-80 s, a LoRA/CPT cell ~60 s; the whole smoke run ~40 min wall. Extrapolated from
-those unit costs (not measured): small ~1.3 h, full ~2-2.5 h. Use ``--threads 1`` on a shared box.
+Time on this machine (2 cores, fp32). Smoke, with the cores shared with other jobs and ``--threads 1``
+(3-4x faster than 2 threads on a loaded box): ~40 min wall. Full, quiet machine, ``--threads 2``: one-pass
+scoring 60 s, SLEB search (13 rounds) ~7 min, an unretrained cell ~60 s (its evaluation), a LoRA/CPT cell
+~2.5 min, so ~70 min for all 31 cells (measured on the first 22). Small lies between the two.
 """
 from __future__ import annotations
 
