@@ -153,8 +153,10 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+from setuptools import find_packages  # noqa: E402
+
 setup(
-    packages=["shortllm", "shortllm.ops", "shortllm.kernels"],
+    packages=find_packages(include=["shortllm", "shortllm.*"]) + ["shortllm.kernels"],
     package_dir={"shortllm.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

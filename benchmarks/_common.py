@@ -23,7 +23,8 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def stamp() -> str:
+def stamp_dict() -> dict:
+    """When, where, with what and at which commit a figure was measured (dirty: uncommitted changes)."""
     import torch
     import transformers
 
@@ -34,14 +35,29 @@ def stamp() -> str:
                 cpu = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip()
+                                cwd=here).stdout.strip() or "?"
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=here).stdout.strip())
     except OSError:
-        commit = "?"
-    return (f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; {cpu}, {os.cpu_count()} cores; "
-            f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
-            f"commit {commit}")
+        commit, dirty = "?", True
+    try:
+        from importlib.metadata import version
+
+        ours = version("shortllm")
+    except Exception:  # noqa: BLE001 - a stamp must never fail the benchmark
+        ours = "?"
+    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "shortllm": ours, "commit": commit, "dirty": dirty}
+
+
+def stamp() -> str:
+    s = stamp_dict()
+    return (f"{s['date']}; {s['cpu']}, {s['cores']} cores; python {s['python']}, torch {s['torch']}, "
+            f"transformers {s['transformers']}; commit {s['commit']}{' (dirty tree)' if s['dirty'] else ''}")
 
 
 def run_child(script: str, *args: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from reproduce_paper import CRITERIA, LABEL, RECOVERIES, Knobs, cell_key, cell_list, load_cells
 
-from shortllm._io import atomic_path, atomic_write_text
+from shortllm.io.atomic import atomic_path, atomic_write_text
 
 TASK_ORDER = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 TASK_HEAD = ("BoolQ", "PIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c", "OBQA")
@@ -58,7 +58,7 @@ def table(cells: dict, knobs: Knobs) -> str:
 
 
 def _scores(out: Path, knobs: Knobs):
-    from shortllm.scores import Scores
+    from shortllm.scoring.scores import Scores
 
     p = out / f"scores_{knobs.calib_key()}.json"
     return Scores.load(p) if p.exists() else None

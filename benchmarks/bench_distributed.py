@@ -30,9 +30,9 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from shortllm.data import calibration_loader
-    from shortllm.engine import score_fast
-    from shortllm.models import load_model
+    from shortllm.data.calibration import calibration_loader
+    from shortllm.model.loading import load_model
+    from shortllm.scoring.engine import score_fast
 
     dist = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if dist:

@@ -109,8 +109,8 @@ def random_calibration(vocab: int, n: int = 4, seq: int = 128, seed: int = 0) ->
 
 def time_one_block(path: Path, n: int = 4, seq: int = 128) -> dict:
     """Read block 0, run the calibration through it forward, then forward+backward: the per-block cost."""
-    from shortllm.engine import Engine
-    from shortllm.offload import BlockLoader, OffloadScorer, capture_identity
+    from shortllm.scoring.engine import Engine
+    from shortllm.scoring.offload import BlockLoader, OffloadScorer, capture_identity
 
     sc = OffloadScorer(path, ("bi",), n_max=None, angular_tokens="all", taylor_mode="exact", dtype=None,
                        device="cpu", attn_implementation=None, spill="memory", spill_dir=None, progress=False,
@@ -118,7 +118,7 @@ def time_one_block(path: Path, n: int = 4, seq: int = 128) -> dict:
     eng = Engine(sc.model, sc.adapter, [], progress=False)
     data = random_calibration(sc.model.config.vocab_size, n, seq)
     ctxs = [eng._context(i, b) for i, b in enumerate(data)]
-    from shortllm.offload import _outside_blocks
+    from shortllm.scoring.offload import _outside_blocks
     for mod, prefix in _outside_blocks(sc.model, sc.adapter):
         sc.loader.load(mod, prefix, recurse=False)
     caps = [capture_identity(sc.model, sc.adapter, c) for c in ctxs]
@@ -152,7 +152,7 @@ def score_run(path: Path, metrics: str, n: int = 4, seq: int = 128, out: Path | 
     """Score in this process; report wall time and peak RSS (VmHWM)."""
     from transformers import AutoConfig
 
-    from shortllm.offload import score_checkpoint
+    from shortllm.scoring.offload import score_checkpoint
 
     vocab = AutoConfig.from_pretrained(path).vocab_size
     data = random_calibration(vocab, n, seq)
@@ -169,9 +169,9 @@ def score_run(path: Path, metrics: str, n: int = 4, seq: int = 128, out: Path | 
 
 def smollm_compare(n: int = 4, seq: int = 128) -> dict:
     """SmolLM2-135M: out-of-core scores == in-memory scores, and the time of each."""
-    from shortllm.engine import score_fast
-    from shortllm.models import builtin_checkpoint, load_model
-    from shortllm.offload import score_checkpoint
+    from shortllm.model.loading import builtin_checkpoint, load_model
+    from shortllm.scoring.engine import score_fast
+    from shortllm.scoring.offload import score_checkpoint
 
     ckpt = builtin_checkpoint("smollm2-135m")
     model = load_model("smollm2-135m", dtype=torch.float32)[0]

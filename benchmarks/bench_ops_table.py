@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import stamp  # noqa: E402
 from _ops_cases import (  # noqa: E402
     INPUT_BYTES,
     copy_fn,
@@ -50,13 +51,6 @@ def _machine() -> str:
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
     return f"{model}, {os.cpu_count()} logical CPUs"
-
-
-def _commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "shortllm/ops", "setup.py"],
-                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return r.stdout.strip() + (" (+ uncommitted kernel changes)" if dirty else "")
 
 
 def measure(rounds: int) -> list[dict]:
@@ -133,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {_machine()}; shared with other jobs: {start_load} at the start, {_load()} at the end",
         f"- python {platform.python_version()}, torch {torch.__version__}",
-        f"- commit: {_commit()}",
+        f"- stamp: {stamp()}",
         f"- method: `python benchmarks/bench_ops_table.py --rounds {args.rounds} --threads {args.threads}`: the "
         "cases of benchmarks/bench_ops.py, interleaved rounds; GB/s from the median round (and the best round); "
         "inputs 64 MB (two 32 MB tensors); op GB/s = input bytes / time; copy GB/s = (read + write bytes) / time "

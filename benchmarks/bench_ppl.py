@@ -27,6 +27,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+from _common import stamp  # noqa: E402
 
 
 def _timed(fn):
@@ -36,14 +39,14 @@ def _timed(fn):
 
 
 def _write(name: str, obj: dict) -> None:
-    from shortllm.scores import atomic_write_text
+    from shortllm.io.atomic import atomic_write_text
 
     atomic_write_text(OUT / f"ppl_{name}.json", json.dumps(obj, indent=1))
 
 
 def _compare(model, data, label: str, heads=("torch", "op")) -> dict:
-    from shortllm.engine import score_fast
-    from shortllm.ppl import removal_ppl_naive
+    from shortllm.scoring.engine import score_fast
+    from shortllm.scoring.ppl import removal_ppl_naive
 
     res = {"label": label}
     naive, c, w = _timed(lambda: removal_ppl_naive(model, data, float64=False))
@@ -61,9 +64,9 @@ def _compare(model, data, label: str, heads=("torch", "op")) -> dict:
 
 
 def part_smollm(args) -> None:
-    from shortllm.data import calibration_loader
-    from shortllm.models import load_model
-    from shortllm.ppl import mean_nll_full
+    from shortllm.data.calibration import calibration_loader
+    from shortllm.model.loading import load_model
+    from shortllm.scoring.ppl import mean_nll_full
 
     model, tok = load_model("smollm2-135m")
     data = calibration_loader("wikitext2", tok, n_samples=10, seq_len=128, batch_size=1, seed=0)
@@ -124,14 +127,6 @@ def part_memory(args) -> None:
     _write("memory", res)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def report() -> None:
     import transformers
 
@@ -141,7 +136,7 @@ def report() -> None:
              f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs (shared with other "
              f"jobs: load average ~20 during the runs, {os.getloadavg()[0]:.1f} when this report was written), "
              f"torch {torch.__version__}, transformers "
-             f"{transformers.__version__}, python {platform.python_version()}, commit {_commit()} (+ working tree). "
+             f"{transformers.__version__}, python {platform.python_version()}; stamp: {stamp()}. "
              "torch threads = 1; times are process CPU seconds (wall in parentheses). The ratios that count are the "
              "CPU ones: the load changed during the runs (the SmolLM2 naive pass ran under ~20 runnable processes, "
              "its ppl pass under ~9), so wall ratios are not comparable.", "",
@@ -204,7 +199,7 @@ def report() -> None:
               "- Noise: on the 7B shape the ppl variants differ only in a head that costs ~0.65 block (V=2007), yet "
               "their CPU-time ratios over two repeats spread from 0.505 to 0.563 (mean of the four: ~0.54, the "
               "bound): read every ratio here as +-0.03.", ""]
-    from shortllm.scores import atomic_write_text
+    from shortllm.io.atomic import atomic_write_text
 
     atomic_write_text(OUT / "ppl.md", "\n".join(lines))
 

@@ -32,7 +32,7 @@ TASK_ORDER = ["openbookqa", "winogrande", "piqa", "arc_challenge", "arc_easy", "
 
 
 def _run_piece(key: str, fn) -> dict:
-    from shortllm._io import atomic_write_text
+    from shortllm.io.atomic import atomic_write_text
 
     path = PARTS / f"{key}.json"
     if path.exists():
@@ -46,13 +46,13 @@ def _run_piece(key: str, fn) -> dict:
 
 
 def _ppl_piece(model, tok, ds: str, proto: str, bos: str, batch_size: int, max_chunks) -> dict:
-    from shortllm.evaluate import perplexity
+    from shortllm.evaluation.corpus_ppl import perplexity
 
     return perplexity(model, tok, ds, protocol=proto, bos=bos, batch_size=batch_size, max_chunks=max_chunks).to_dict()
 
 
 def _task_piece(model, tok, name: str, limit, batch_size: int) -> dict:
-    from shortllm.evaluate import zeroshot
+    from shortllm.evaluation.zero_shot import zeroshot
 
     return zeroshot(model, tok, [name], limit=limit, batch_size=batch_size).tasks[name]
 
@@ -62,7 +62,7 @@ def _full_minutes(part: dict, n_full: int) -> float:
 
 
 def _render(ppl: list[dict], tasks: dict, limits: dict) -> str:
-    from shortllm.eval_cli import ppl_table, zeroshot_table
+    from shortllm.evaluation.report import ppl_table, zeroshot_table
 
     first = (ppl or list(tasks.values()))[0]["stamp"]
     lines = [
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from shortllm._io import atomic_write_text
-    from shortllm.models import load_model
+    from shortllm.io.atomic import atomic_write_text
+    from shortllm.model.loading import load_model
 
     torch.set_num_threads(args.threads)
     PARTS.mkdir(parents=True, exist_ok=True)

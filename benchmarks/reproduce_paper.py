@@ -37,8 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from shortllm._io import atomic_write_text  # noqa: E402
 from shortllm.errors import DataError  # noqa: E402
+from shortllm.io.atomic import atomic_write_text  # noqa: E402
 
 CRITERIA = ("bi", "taylor", "mag", "ppl", "sleb")
 LABEL = {"bi": "BI (ShortGPT)", "taylor": "Taylor+", "mag": "Mag+", "ppl": "PPL", "sleb": "Iterative PPL (SLEB)",
@@ -131,7 +131,7 @@ class _Clock:
 def eval_texts(tok, knobs: Knobs, data_dir=None) -> dict[str, str]:
     """Each eval corpus's joined text, cut to a prefix that tokenises to the same first
     eval_chunks x seq_len tokens as the whole split (checked), so no cell re-tokenises megabytes."""
-    from shortllm.evaluate import PROTOCOLS, corpus_text
+    from shortllm.evaluation.corpus_ppl import PROTOCOLS, corpus_text
 
     out = {}
     for c in EVAL_CORPORA:
@@ -152,7 +152,7 @@ def eval_texts(tok, knobs: Knobs, data_dir=None) -> dict[str, str]:
 
 def load_tasks(knobs: Knobs, data_dir=None) -> dict:
     """Each zero-shot task's first zs_limit items, parsed once per run (not once per cell)."""
-    from shortllm.tasks import DEFAULT_TASKS, load_task, task_spec
+    from shortllm.data.tasks import DEFAULT_TASKS, load_task, task_spec
 
     return {task_spec(t).name: load_task(task_spec(t).name, data_dir, knobs.zs_limit) for t in DEFAULT_TASKS}
 
@@ -161,8 +161,9 @@ def evaluate_model(model, tok, texts: dict[str, str], tasks: dict, knobs: Knobs)
     """PPL on both corpora, then `shortllm.evaluate.zeroshot`'s scoring (same calls) on the preloaded items."""
     from dataclasses import asdict
 
-    from shortllm.evaluate import loglikelihoods, perplexity
-    from shortllm.tasks import score_items, task_spec
+    from shortllm.data.tasks import score_items, task_spec
+    from shortllm.evaluation.corpus_ppl import perplexity
+    from shortllm.evaluation.zero_shot import loglikelihoods
 
     res = {}
     for c in EVAL_CORPORA:
@@ -183,8 +184,8 @@ def evaluate_model(model, tok, texts: dict[str, str], tasks: dict, knobs: Knobs)
 
 # ---------------------------------------------------------------- cached scoring
 def cached_scores(model, calib, out: Path, knobs: Knobs, progress: bool):
-    from shortllm.engine import score_fast
-    from shortllm.scores import Scores
+    from shortllm.scoring.engine import score_fast
+    from shortllm.scoring.scores import Scores
 
     path = out / f"scores_{knobs.calib_key()}.json"
     timing = out / f"scores_{knobs.calib_key()}.time.json"
@@ -199,7 +200,7 @@ def cached_scores(model, calib, out: Path, knobs: Knobs, progress: bool):
 
 
 def cached_sleb(model, calib, n_remove: int, out: Path, knobs: Knobs, progress: bool) -> tuple[list[int], dict]:
-    from shortllm.search import iterative
+    from shortllm.scoring.search import iterative
 
     path = out / f"sleb_{knobs.calib_key()}.json"
     raw = _read_json(path)
@@ -214,8 +215,8 @@ def cached_sleb(model, calib, n_remove: int, out: Path, knobs: Knobs, progress: 
 
 
 def make_plans(model, scores, sleb_order: Optional[list[int]], knobs: Knobs) -> dict:
-    from shortllm.arch import get_adapter
-    from shortllm.plan import blocks_for_ratio, count_params, make_plan
+    from shortllm.model.adapters import get_adapter
+    from shortllm.pruning.plans import blocks_for_ratio, count_params, make_plan
 
     plans = {}
     for r in knobs.ratios:
@@ -234,8 +235,8 @@ def make_plans(model, scores, sleb_order: Optional[list[int]], knobs: Knobs) -> 
 
 
 def sleb_blocks_needed(model, knobs: Knobs) -> int:
-    from shortllm.arch import get_adapter
-    from shortllm.plan import blocks_for_ratio, count_params
+    from shortllm.model.adapters import get_adapter
+    from shortllm.pruning.plans import blocks_for_ratio, count_params
 
     bp = [count_params(b) for b in get_adapter(model).blocks()]
     order = sorted(range(len(bp)), key=lambda i: bp[i])  # the most blocks any removal order could need
@@ -268,11 +269,12 @@ def run_experiment(model, tok, knobs: Knobs, out_dir, *, data_dir=None, progress
     `model`/`tok` are injectable (tests pass a tiny model); `retrain_data` overrides knobs.retrain_data
     (a RetrainData or a corpus name/path for `shortllm.retrain_data.load_retrain_data`).
     """
-    from shortllm.data import calibration_loader
-    from shortllm.plan import count_params
-    from shortllm.prune import prune
-    from shortllm.retrain import RetrainConfig, retrain
-    from shortllm.retrain_data import RetrainData, load_retrain_data
+    from shortllm.data.calibration import calibration_loader
+    from shortllm.pruning.plans import count_params
+    from shortllm.pruning.removal import prune
+    from shortllm.retrain.config import RetrainConfig
+    from shortllm.retrain.train_data import RetrainData, load_retrain_data
+    from shortllm.retrain.training import retrain_model as retrain
 
     out = Path(out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -374,7 +376,7 @@ def main(argv=None) -> int:
 
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     if not a.report_only:
-        from shortllm.models import load_model
+        from shortllm.model.loading import load_model
 
         model, tok = load_model(a.model)
         run_experiment(model, tok, knobs, a.out, data_dir=a.data_dir, progress=not a.quiet, log=log)

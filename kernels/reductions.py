@@ -14,14 +14,16 @@ def cosine_kernel(x_ptr, y_ptr, m_ptr, part_ptr, N, D, sx, sy,
                   HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
+    valid = rows < N
+    if HAS_MASK:
+        valid = valid & (tl.load(m_ptr + rows, mask=valid, other=0) != 0)
     r64 = rows.to(tl.int64)
     dot = tl.zeros([BLOCK_N], dtype=tl.float32)
     xx = tl.zeros([BLOCK_N], dtype=tl.float32)
     yy = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        m2 = rmask[:, None] & (cols[None, :] < D)
+        m2 = valid[:, None] & (cols[None, :] < D)  # padded rows are never read (as the C++/CUDA kernels)
         xv = tl.load(x_ptr + r64[:, None] * sx + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         yv = tl.load(y_ptr + r64[:, None] * sy + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         dot += tl.sum(xv * yv, axis=1)
@@ -43,13 +45,11 @@ def cosine_kernel(x_ptr, y_ptr, m_ptr, part_ptr, N, D, sx, sy,
     p = p * a + 1.5707963050
     acos_a = tl.sqrt(1.0 - a) * p
     ang = tl.where(c < 0, 3.141592653589793 - acos_a, acos_a) * 0.3183098861837907
-    valid = rmask
-    if HAS_MASK:
-        valid = valid & (tl.load(m_ptr + rows, mask=rmask, other=0) != 0)
-    wt = valid.to(tl.float64)
-    tl.store(part_ptr + pid * 3 + 0, tl.sum(c.to(tl.float64) * wt, axis=0))
-    tl.store(part_ptr + pid * 3 + 1, tl.sum(ang.to(tl.float64) * wt, axis=0))
-    tl.store(part_ptr + pid * 3 + 2, tl.sum(wt, axis=0))
+    # select, never weight by the mask: a padded row reads as a zero vector (cos 1), and a weight of 0
+    # would not remove NaN/Inf anyway (NaN * 0 = NaN)
+    tl.store(part_ptr + pid * 3 + 0, tl.sum(tl.where(valid, c.to(tl.float64), 0.0), axis=0))
+    tl.store(part_ptr + pid * 3 + 1, tl.sum(tl.where(valid, ang.to(tl.float64), 0.0), axis=0))
+    tl.store(part_ptr + pid * 3 + 2, tl.sum(valid.to(tl.float64), axis=0))
 
 
 def taylor_kernel(w_ptr, g_ptr, part_ptr, n, HAS_G: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):

@@ -65,3 +65,11 @@ class DiskSpaceError(ShortLLMError, OSError):
 
 class RetrainConfigError(ShortLLMError, ValueError):
     """A retraining configuration is invalid (unknown method or field, no LoRA target, ...)."""
+
+
+class UsageError(ShortLLMError, ValueError):
+    """Options that contradict each other, or an option that does not apply to the chosen mode."""
+
+
+class OutputPathError(ShortLLMError, OSError):
+    """An output path cannot be written (checked before any work starts)."""

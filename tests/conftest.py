@@ -22,7 +22,7 @@ if "SHORTLLM_DATA" not in os.environ:
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the built-in SmolLM2-135M, fp32 on CPU (cached after the first conversion)."""
-    from shortllm.models import load_model
+    from shortllm.model.loading import load_model
 
     return load_model("smollm2-135m")
 

@@ -35,17 +35,34 @@ def build_data(job: dict) -> list[dict]:
 
 
 def score_job(job: dict):
-    from shortllm.engine import score_fast
+    from shortllm.scoring.engine import score_fast
 
     kwargs = dict(job.get("kwargs", {}))
     if job.get("checkpoint"):
         kwargs.update(checkpoint=job["checkpoint"], every=job.get("every", 1))
     data = build_data(job)
     if job.get("calib"):  # CalibrationData shards itself (`.shard`); plain lists go round-robin
-        from shortllm.data import CalibrationData
+        from shortllm.data.calibration import CalibrationData
 
         data = CalibrationData(data, {"source": "tiny"})
+    if job.get("batch_delay"):  # the kill test needs every batch to last a while, however fast the machine is
+        data = _Slow(data, float(job["batch_delay"]))
     return score_fast(build_model(job), data, metrics=tuple(job["metrics"]), progress=False, **kwargs)
+
+
+class _Slow(list):
+    """The same batches (a list, so the same data fingerprint), each handed out after a pause."""
+
+    def __init__(self, batches, delay: float):
+        super().__init__(batches)
+        self.delay = delay
+
+    def __iter__(self):
+        import time
+
+        for b in super().__iter__():
+            time.sleep(self.delay)
+            yield b
 
 
 def ops_job(job: dict) -> dict:

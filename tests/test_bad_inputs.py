@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+from importlib import import_module
 from types import SimpleNamespace
 
 import pytest
@@ -38,8 +39,8 @@ def _tokenizer(with_pad: bool = True):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from shortllm.engine import score_fast
-    from shortllm.plan import make_plan
+    from shortllm.pruning.plans import make_plan
+    from shortllm.scoring.engine import score_fast
 
     tmp = tmp_path_factory.mktemp("bad")
     model = make_tiny("llama", num_layers=8)
@@ -65,21 +66,21 @@ def env(tmp_path_factory):
 
 
 def _score(env, data=None, **kw):
-    from shortllm.engine import score_fast
+    from shortllm.scoring.engine import score_fast
 
     kw.setdefault("metrics", ("bi",))
     return score_fast(env.model, env.data if data is None else data, progress=False, **kw)
 
 
 def _plan(env, **kw):
-    from shortllm.plan import make_plan
+    from shortllm.pruning.plans import make_plan
 
     metric = kw.pop("metric", "taylor")
     return make_plan(env.scores, metric, model=env.model, **kw)
 
 
 def _loader(env, source, **kw):
-    from shortllm.data import calibration_loader
+    from shortllm.data.calibration import calibration_loader
 
     return calibration_loader(source, kw.pop("tok", env.tok), **kw)
 
@@ -97,7 +98,7 @@ def _nonfinite(env, metrics, value):
 
 
 def _unsupported(env):
-    from shortllm.arch import get_adapter
+    from shortllm.model.adapters import get_adapter
 
     class Toy(torch.nn.Module):
         def __init__(self):
@@ -117,7 +118,7 @@ def _encoder_only(env):
 
 
 def _export(env, out, **kw):
-    from shortllm.export import export
+    from shortllm.pruning.exporting import export
 
     return export(env.model, out, **kw)
 
@@ -168,14 +169,15 @@ API = [
     ("ratio = 0", lambda env: _plan(env, ratio=0.0), E.PlanError, r"in \(0, 1\)"),
     ("ratio > 1", lambda env: _plan(env, ratio=1.5), E.PlanError, r"in \(0, 1\)"),
     ("scores JSON of another model",
-     lambda env: __import__("shortllm.scores").scores.Scores.load(env.tmp / "other_scores.json", model=env.model),
+     lambda env: import_module("shortllm.scoring.scores").Scores.load(env.tmp / "other_scores.json", model=env.model),
      E.ScoresMismatchError, "different weights|re-score"),
     ("plan JSON of another model",
-     lambda env: __import__("shortllm.plan").plan.Plan.load(env.tmp / "other_plan.json", model=env.model),
+     lambda env: import_module("shortllm.pruning.plans").Plan.load(env.tmp / "other_plan.json", model=env.model),
      E.PlanError, "other weights|this model"),
-    ("truncated scores JSON", lambda env: __import__("shortllm.scores").scores.Scores.load(env.tmp / "truncated.json"),
+    ("truncated scores JSON",
+     lambda env: import_module("shortllm.scoring.scores").Scores.load(env.tmp / "truncated.json"),
      E.DataError, "not a valid shortllm scores file"),
-    ("corrupted plan JSON", lambda env: __import__("shortllm.plan").plan.Plan.load(env.tmp / "not_a_plan.json"),
+    ("corrupted plan JSON", lambda env: import_module("shortllm.pruning.plans").Plan.load(env.tmp / "not_a_plan.json"),
      E.PlanError, "not valid JSON|not a valid"),
     ("export dir exists", lambda env: _export(env, env.tmp / "exists"), E.ExportError, "already exists.*overwrite"),
     ("export dir unwritable", lambda env: _export(env, env.tmp / "a_file" / "out"), E.ExportError, "writable"),
@@ -187,9 +189,10 @@ API = [
     ("tokenizer without pad/bos, add_bos",
      lambda env: _loader(env, ["a b c"], tok=_tokenizer(with_pad=False), add_bos=True), E.DataError, "bos"),
     ("no tokenizer for text", lambda env: _loader(env, ["the of and"], tok=None), E.DataError, "tokenizer"),
-    ("missing model dir", lambda env: __import__("shortllm.models").models.load_model(str(env.tmp / "no_model")),
+    ("missing model dir", lambda env: import_module("shortllm.model.loading").load_model(str(env.tmp / "no_model")),
      E.ModelLoadError, "No checkpoint dir"),
-    ("model dir without config", lambda env: __import__("shortllm.models").models.load_model(str(env.tmp / "exists")),
+    ("model dir without config",
+     lambda env: import_module("shortllm.model.loading").load_model(str(env.tmp / "exists")),
      E.ModelLoadError, "no config.json"),
     ("resume with other metrics", _resume_other_metrics, E.CheckpointError, "metric set"),
 ]
@@ -244,6 +247,32 @@ def _cli_cases():
                                                   "--metric", "bi", "--ratio", "1.5"], r"\(0, 1\)"),
         ("prune: remove > allowed", lambda e: ["prune", str(e.model_dir), "--scores", str(e.tmp / "scores.json"),
                                                "--metric", "taylor", "--remove", "3"], "removable"),
+        # options that do not apply to the chosen mode are errors, not silently ignored
+        ("score: --every without --checkpoint", lambda e: S + [str(e.model_dir), "--every", "2"],
+         "--every does not apply without --checkpoint"),
+        ("score: --checkpoint with --offload disk", lambda e: S + [str(e.model_dir), "--offload", "disk",
+                                                                   "--checkpoint", str(e.tmp / "ck2")],
+         "--checkpoint does not apply with --offload disk"),
+        ("score: --spill without --offload disk", lambda e: S + [str(e.model_dir), "--spill", "disk"],
+         "--spill does not apply without --offload disk"),
+        ("prune: --plan with --scores", lambda e: ["prune", str(e.model_dir), "--plan", str(e.tmp / "plan.json"),
+                                                   "--scores", str(e.tmp / "scores.json")], "--scores.*--plan"),
+        ("prune: --ratio without --scores", lambda e: ["prune", str(e.model_dir), "--ratio", "0.2"],
+         "--scores FILE and --metric"),
+        ("prune: plan of another model",
+         lambda e: ["prune", str(e.model_dir), "--plan", str(e.tmp / "other_plan.json")],
+         "other weights|this model"),
+        # an output that cannot be written is found before any work starts
+        ("score: unwritable -o", lambda e: S + [str(e.model_dir), "-o", "/proc/shortllm-nope/s.json"],
+         "cannot be written"),
+        ("score: -o under a file", lambda e: S + [str(e.model_dir), "-o", str(e.tmp / "a_file" / "s.json")],
+         "is a file"),
+        ("search: unwritable -o", lambda e: ["search", str(e.model_dir), "--remove", "1", "-o",
+                                             "/proc/shortllm-nope/p.json"], "cannot be written"),
+        ("prune: -o exists", lambda e: ["prune", str(e.model_dir), "--blocks", "3", "-o", str(e.tmp / "exists")],
+         "already exists.*--overwrite"),
+        ("eval: unwritable -o", lambda e: ["eval", str(e.model_dir), "--tasks", "none", "-o",
+                                           "/proc/shortllm-nope/e.json"], "cannot be written"),
     ]
 
 
@@ -253,7 +282,7 @@ CLI = _cli_cases()
 @pytest.fixture(scope="module")
 def cli_env(env):
     # the resume-mismatch case needs an existing checkpoint of another metric set
-    from shortllm.cli import main
+    from shortllm.cli.app import main
 
     out = env.tmp / "cli_first.json"
     assert main(["score", str(env.model_dir), "--data", "wikitext2", "--samples", "2", "--seq-len", "16",
@@ -262,10 +291,12 @@ def cli_env(env):
 
 
 def _check_cli(cli_env, capsys, what, argv, match):
-    from shortllm.cli import main
+    from shortllm.cli.app import main
 
     out = cli_env.tmp / f"cli_out_{abs(hash(what))}"
-    args = argv(cli_env) + ["-o", str(out) + (".json" if argv(cli_env)[0] == "score" else "")]
+    args = argv(cli_env)
+    if "-o" not in args:
+        args = args + ["-o", str(out) + (".json" if args[0] in ("score", "search") else "")]
     if args[0] == "score":
         args += ["-q"]
     capsys.readouterr()
@@ -302,7 +333,7 @@ def test_catalog_size():
 
 
 def test_cli_debug_shows_the_traceback(cli_env):
-    from shortllm.cli import main
+    from shortllm.cli.app import main
 
     with pytest.raises(E.MetricError):
         main(["--debug", "score", str(cli_env.model_dir), "--metrics", "foo", "-q", "-o", str(cli_env.tmp / "d.json")])
@@ -312,8 +343,9 @@ def test_cli_subprocess_exit_code_and_one_line(cli_env):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "shortllm.cli", "score", str(cli_env.model_dir), "--metrics", "xyz",
-                           "-q", "-o", str(cli_env.tmp / "sub.json")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "shortllm.cli", "score", str(cli_env.model_dir), "--metrics",
+                           "xyz", "-q", "-o", str(cli_env.tmp / "sub.json")], capture_output=True, text=True,
+                          timeout=300, cwd=cli_env.tmp)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "%|" not in ln]  # transformers' load bar
     assert len(lines) == 1 and "xyz" in lines[0] and "Traceback" not in proc.stderr, proc.stderr

@@ -63,7 +63,7 @@ def _wheel(tmp_path: Path, env_extra: dict[str, str]) -> list[str]:
     src = _copy_source(tmp_path)
     env = {**os.environ, **env_extra}
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
-                        "-w", str(tmp_path / "dist"), "-q"], capture_output=True, text=True, env=env)
+                        "-w", str(tmp_path / "dist"), "-q"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (whl,) = (tmp_path / "dist").glob("shortllm-*.whl")
     return zipfile.ZipFile(whl).namelist()

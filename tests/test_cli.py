@@ -2,10 +2,11 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from shortllm.cli import main
+from shortllm.cli.app import main
 
 
 def test_unknown_metric_is_one_line_exit_2(capsys, tmp_path):
@@ -19,8 +20,10 @@ def test_unknown_metric_is_one_line_exit_2(capsys, tmp_path):
 
 
 def test_debug_flag_shows_traceback(tmp_path):
+    # cwd outside the checkout: `python -m` puts the cwd first on sys.path, which must not be a source tree
     proc = subprocess.run([sys.executable, "-m", "shortllm.cli", "--debug", "score", "smollm2-135m",
-                           "--metrics", "nope", "-o", str(tmp_path / "s.json")], capture_output=True, text=True)
+                           "--metrics", "nope", "-o", str(tmp_path / "s.json")], capture_output=True, text=True,
+                          cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "MetricError" in proc.stderr
 
 
@@ -41,8 +44,9 @@ def test_score_cli_writes_json_markdown_png(tmp_path, capsys):
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "shortllm.cli", "demo", "-o", str(tmp_path / "demo"), "--samples",
-                           "2", "--seq-len", "64", "-q"], capture_output=True, text=True, timeout=900)
+    exe = Path(sys.executable).with_name("shortllm")  # the installed console script
+    proc = subprocess.run([str(exe), "demo", "-o", str(tmp_path / "demo"), "--samples", "2", "--seq-len", "64", "-q"],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert summary["params_after"] < summary["params_before"]

@@ -1,4 +1,4 @@
-"""shortllm.data: named corpora under SHORTLLM_DATA and the calibration loader."""
+"""shortllm.data.calibration: named corpora under SHORTLLM_DATA and the calibration loader."""
 from __future__ import annotations
 
 import gzip
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shortllm import data as D
-from shortllm.data import CalibrationData, calibration_loader, corpus_rows, load_corpus_text, tokenize_text
+from shortllm.data.calibration import CalibrationData, calibration_loader, tokenize_text
+from shortllm.data.corpora import CORPORA, corpus_rows, load_corpus_text
 from shortllm.errors import DataError, EmptyLoaderError
 
 SHARED = Path(os.environ.get("SHORTLLM_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -60,7 +60,7 @@ def test_wikitext2_rows_follow_hf_semantics():
         ("test", 4358, 1467, "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"),
         ("validation", 3760, 1299, "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7"),
     ]:
-        f = SHARED / D.CORPORA["wikitext2"][split]
+        f = SHARED / CORPORA["wikitext2"][split]
         assert _sha(f) == sha, f"{f} is not the file SOURCES.md describes"
         rows = corpus_rows("wikitext2", split)
         lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -81,7 +81,7 @@ def test_ptb_rows_are_stripped_sentences_joined_by_blank_line():
         ("validation", 3370, "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2", False),
         ("train", 42068, "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf", True),
     ]:
-        assert _sha(SHARED / D.CORPORA["ptb"][split], gz) == sha
+        assert _sha(SHARED / CORPORA["ptb"][split], gz) == sha
         rows = corpus_rows("ptb", split)
         assert len(rows) == n
         assert all(r == r.strip() and r for r in rows[:500])
@@ -412,7 +412,7 @@ def test_tokenize_cache_reuses_results():
 def real_tokenizer():
     from transformers import AutoTokenizer
 
-    from shortllm.models import builtin_checkpoint
+    from shortllm.model.loading import builtin_checkpoint
     tok = AutoTokenizer.from_pretrained(str(builtin_checkpoint()))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -39,7 +39,7 @@ JOBS = [
 
 def _have_ppl() -> bool:
     try:
-        import shortllm.ppl  # noqa: F401
+        import shortllm.scoring.ppl  # noqa: F401
     except ImportError:
         return False
     return True
@@ -66,7 +66,7 @@ def torchrun_results(tmp_path_factory):
            "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "scoring_worker.py"), str(spec), str(tmp)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return tmp, {j["name"]: j for j in jobs}
 
@@ -75,7 +75,7 @@ def torchrun_results(tmp_path_factory):
 def test_two_ranks_equal_one_process(torchrun_results, name):
     tmp, jobs = torchrun_results
     if name not in jobs:
-        pytest.skip("shortllm.ppl not built")
+        pytest.skip("shortllm.scoring.ppl not built")
     job = jobs[name]
     r0, n0 = load_scores(tmp / f"{name}.rank0.safetensors")
     r1, n1 = load_scores(tmp / f"{name}.rank1.safetensors")
@@ -105,8 +105,8 @@ def test_two_ranks_equal_one_process(torchrun_results, name):
 
 def test_shard_is_disjoint_and_covers(monkeypatch):
     """shard_for_rank: every batch goes to exactly one rank (plain lists and CalibrationData alike)."""
-    from shortllm import engine
-    from shortllm.data import CalibrationData
+    from shortllm.data.calibration import CalibrationData
+    from shortllm.scoring import engine
 
     data = build_data({"n_batches": 7})
     for wrap in (list, CalibrationData):
@@ -139,7 +139,7 @@ def offloaded(tmp_path_factory):
 
 
 def test_offloaded_model_scores_equal_plain_model(offloaded):
-    from shortllm.engine import score_fast
+    from shortllm.scoring.engine import score_fast
 
     plain, sharded, data = offloaded
     assert any(p.device.type == "meta" for p in sharded.model.layers[1].parameters()), "layer 1 should be offloaded"
@@ -154,8 +154,8 @@ def test_offloaded_model_scores_equal_plain_model(offloaded):
 
 
 def test_offloaded_model_taylor_refuses_clearly(offloaded):
-    from shortllm.engine import score_fast
     from shortllm.errors import MetricError
+    from shortllm.scoring.engine import score_fast
 
     _, sharded, data = offloaded
     with pytest.raises(MetricError, match="offloaded by device_map.*score_checkpoint"):
@@ -166,7 +166,7 @@ def test_device_map_without_offload_scores_taylor(tmp_path):
     """Blocks placed by a device_map (all on the one device here) with accelerate hooks: Taylor works."""
     import transformers
 
-    from shortllm.engine import score_fast
+    from shortllm.scoring.engine import score_fast
 
     job = {"dtype": "float32", "layers": 3, "n_batches": 2}
     build_model(job).save_pretrained(tmp_path)

@@ -7,8 +7,8 @@ from tiny_models import TINY_ARCHS, make_tiny, random_batch
 
 import shortllm
 from shortllm.errors import EmptyLoaderError, MetricError, NonFiniteError, ScoresMismatchError, SequenceTooLongError
-from shortllm.reference import score_reference
-from shortllm.scores import Scores
+from shortllm.scoring.scores import Scores
+from shortllm.testing.reference import score_reference
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 FULLY_FLOAT64 = ("gpt2", "opt", "gpt_neox")
@@ -208,7 +208,7 @@ def test_ranking_lower_first_nan_last_stable():
 @pytest.mark.real_model
 def test_real_model_matches_reference(smollm2):
     model, tok = smollm2
-    from shortllm.data import calibration_loader
+    from shortllm.data.calibration import calibration_loader
 
     data = calibration_loader("wikitext2", tok, n_samples=2, seq_len=64, batch_size=2, seed=0)
     got = shortllm.score_fast(model, data, n_max=3, progress=False)
@@ -217,3 +217,33 @@ def test_real_model_matches_reference(smollm2):
         _assert_close(got.values[m], want[m], 1e-5, f"smollm2/{m}")
     _assert_close(got.values["taylor"], want["taylor"], 1e-3, "smollm2/taylor")
     assert got.values["bi"].shape == (30,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("metrics", [("bi", "angular"), ("taylor",), ("taylor", "mag")])
+def test_nan_in_padded_rows_never_reaches_a_score(backend, dtype, metrics):
+    """Padding rows may hold anything (eager attention in fp64 gives NaN for a fully masked query row): they
+    are not tokens, so scores equal those of the same batch with finite padding rows, on every backend, and
+    no NonFiniteError is raised. NaN is planted in the last block's output (nothing downstream reads it)."""
+    model = make_tiny("llama", 4, seed=7).to(dtype)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :5] = 0  # left padding
+    mask[1, 9:] = 0  # right padding
+    data = [{"input_ids": ids, "attention_mask": mask}]
+    clean = shortllm.score_fast(model, data, metrics=metrics, n_max=2, progress=False)
+
+    def poison(_mod, _args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h = h.masked_fill((mask == 0)[..., None], float("nan"))
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = model.model.layers[-1].register_forward_hook(poison)
+    try:
+        got = shortllm.score_fast(model, data, metrics=metrics, n_max=2, progress=False)
+    finally:
+        handle.remove()
+    for m in clean.values:
+        a, b = got.values[m], clean.values[m]
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), m
+        torch.testing.assert_close(a[~torch.isnan(a)], b[~torch.isnan(b)], rtol=1e-6, atol=1e-9, msg=m)

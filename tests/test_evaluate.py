@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from eval_helpers import make_bpe_tokenizer, make_unigram_gpt2
 from tiny_models import make_tiny
 
-from shortllm import evaluate as ev
 from shortllm.errors import DataError
+from shortllm.evaluation import corpus_ppl as ev
+from shortllm.evaluation import zero_shot as zs
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_ppl_errors(tok):
 
 def test_named_corpus_protocols(tok, data_dir):
     """PTB: '\\n\\n'-joined for llm-pruner (LLM-Pruner/Shortened-LLaMA), ' '-joined for gptq."""
-    from shortllm.data import corpus_rows
+    from shortllm.data.corpora import corpus_rows
     model = make_tiny("llama", dtype=torch.float64, seed=2)
     rows = corpus_rows("ptb", "validation", data_dir)
     for proto, join in (("llm-pruner", "\n\n"), ("gptq", " ")):
@@ -127,20 +128,20 @@ def test_named_corpus_protocols(tok, data_dir):
 
 # ------------------------------------------------------------------ zero-shot machinery
 def test_encode_pair_moves_trailing_space_and_splits_after_context(tok):
-    ctx, cont = ev.encode_pair(tok, "Question: which one is good? Answer: ", "the good one")
+    ctx, cont = zs.encode_pair(tok, "Question: which one is good? Answer: ", "the good one")
     whole = tok("Question: which one is good? Answer: the good one", add_special_tokens=False)["input_ids"]
     head = tok("Question: which one is good? Answer:", add_special_tokens=False)["input_ids"]
     assert ctx == head and cont == whole[len(head):] and ctx + cont == whole
     # merges across the boundary: continuation = joint tokens after len(context tokens) (lm-eval)
-    ctx2, cont2 = ev.encode_pair(tok, "the goo", "d one is a good answer")
+    ctx2, cont2 = zs.encode_pair(tok, "the goo", "d one is a good answer")
     joint = tok("the good one is a good answer", add_special_tokens=False)["input_ids"]
     assert ctx2 == tok("the goo", add_special_tokens=False)["input_ids"] and cont2 == joint[len(ctx2):]
     assert ctx2 + cont2 != joint  # the case where separate tokenisation would differ
-    assert ev.encode_pair(tok, "", " good")[0] == [tok.bos_token_id]
+    assert zs.encode_pair(tok, "", " good")[0] == [tok.bos_token_id]
 
 
 def _ref_loglik(model, tok, ctx, cont):
-    c, k = ev.encode_pair(tok, ctx, cont)
+    c, k = zs.encode_pair(tok, ctx, cont)
     ids = torch.tensor([c + k])
     with torch.no_grad():
         logp = model(ids).logits.double().log_softmax(-1)[0]
@@ -157,7 +158,7 @@ def test_loglikelihoods_match_unbatched_reference(tok, arch):
             ("He is ripping", " level tiles off the roof. The quick brown fox"),
             ("A good answer ", "is better"),  # trailing space moves to the continuation
             ("Question: which one is good?\nAnswer:", " bad")]  # duplicate input: computed once
-    got = ev.loglikelihoods(model, tok, reqs, batch_size=2, progress=False)
+    got = zs.loglikelihoods(model, tok, reqs, batch_size=2, progress=False)
     for (c, k), g in zip(reqs, got):
         assert g == pytest.approx(_ref_loglik(model, tok, c, k), rel=1e-6, abs=1e-8)
     assert got[1] == got[5]
@@ -169,24 +170,22 @@ def test_unigram_model_loglik_is_exact(tok):
     model = make_unigram_gpt2(logits)
     logp = logits.log_softmax(-1)
     reqs = [("Question: which one is good?\nAnswer:", " the good one"), ("Sarah was", " a much better surgeon")]
-    got = ev.loglikelihoods(model, tok, reqs, batch_size=8, progress=False)
+    got = zs.loglikelihoods(model, tok, reqs, batch_size=8, progress=False)
     for (c, k), val in zip(reqs, got):
-        cont = ev.encode_pair(tok, c, k)[1]
+        cont = zs.encode_pair(tok, c, k)[1]
         assert val == pytest.approx(sum(logp[t].item() for t in cont), rel=1e-9)
 
 
 def test_cli_writes_json_and_markdown(tmp_path, monkeypatch, tok):
     """`shortllm eval` end to end on a tiny model (load_model patched): atomic JSON + Markdown table."""
-    import argparse
+    from shortllm.cli.app import main
+
     model = make_tiny("llama", seed=0)
-    monkeypatch.setattr("shortllm.models.load_model", lambda name, **kw: (model, tok))
-    parser = argparse.ArgumentParser()
-    ev.register_cli(parser.add_subparsers())
+    monkeypatch.setattr("shortllm.model.loading.load_model", lambda name, **kw: (model, tok))
     out = tmp_path / "res" / "eval.json"
-    args = parser.parse_args(["eval", "tiny", "--ppl", "wikitext2", "--tasks", "piqa,openbookqa", "--limit", "3",
-                              "--seq-len", "32", "--max-chunks", "2", "--bos", "none,every_chunk", "-o", str(out),
-                              "--no-progress"])
-    assert args.func(args) == 0
+    assert main(["eval", "tiny", "--ppl", "wikitext2", "--tasks", "piqa,openbookqa", "--limit", "3",
+                 "--seq-len", "32", "--max-chunks", "2", "--bos", "none,every_chunk", "-o", str(out),
+                 "--no-progress"]) == 0
     rep = json.loads(out.read_text())
     assert [p["settings"]["bos"] for p in rep["perplexity"]] == ["none", "every_chunk"]
     assert rep["zeroshot"]["tasks"]["piqa"]["n"] == 3 and set(rep["zeroshot"]["tasks"]) == {"piqa", "openbookqa"}
@@ -194,8 +193,7 @@ def test_cli_writes_json_and_markdown(tmp_path, monkeypatch, tok):
     assert "| wikitext2 |" in md and "| piqa | 3 |" in md and "mean of 2" in md
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(DataError, match="Unknown task"):
-        args = parser.parse_args(["eval", "tiny", "--tasks", "piqa,nope", "-o", str(out)])
-        args.func(args)
+        main(["--debug", "eval", "tiny", "--tasks", "piqa,nope", "-o", str(out)])
 
 
 # ------------------------------------------------------------------ real model
@@ -212,7 +210,7 @@ def test_real_model_ppl_matches_logits(smollm2, data_dir):
 @pytest.mark.real_model
 def test_real_model_zeroshot_smoke(smollm2):
     model, tokz = smollm2
-    res = ev.zeroshot(model, tokz, ("arc_easy", "winogrande"), limit=4, progress=False, return_details=True)
+    res = zs.zeroshot(model, tokz, ("arc_easy", "winogrande"), limit=4, progress=False, return_details=True)
     for t in res.tasks.values():
         assert t["n"] == 4 and 0.0 <= t["acc"] <= 1.0
         assert all(all(x < 0 for x in d["lls"]) for d in t["details"])

@@ -17,9 +17,11 @@ from safetensors.torch import load_file
 from tiny_models import TINY_ARCHS, make_tiny, random_batch
 
 from shortllm.errors import ExportError
-from shortllm.export import export, mergekit_yaml
-from shortllm.plan import Plan, make_plan
-from shortllm.prune import prune
+from shortllm.model.adapters import get_adapter
+from shortllm.pruning.exporting import export
+from shortllm.pruning.mergekit import mergekit_yaml
+from shortllm.pruning.plans import Plan, make_plan
+from shortllm.pruning.removal import prune
 
 CHILD = r"""
 import json, sys, torch
@@ -149,11 +151,55 @@ def test_mergekit_yaml_ranges_are_0_based_end_exclusive():
 
     ranges = [tuple(map(int, m)) for m in re.findall(r"layer_range: \[(\d+), (\d+)\]", text)]
     assert ranges == [(1, 3), (5, 6), (6, 7)]
-    assert "merge_method: passthrough" in text and "filter: o_proj" in text
+    assert "merge_method: passthrough" in text and 'filter: "self_attn.o_proj"' in text
     covered = [i for a, b in ranges for i in range(a, b)]
     assert covered == plan.kept
     qwen = make_tiny("qwen2", 4)
     assert "WARNING" in mergekit_yaml(make_plan(None, model=qwen, blocks=[1]), "q")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox"])
+def test_mergekit_filters_name_exactly_the_removed_branch_output_projection(arch):
+    """Each filter (a substring match on tensor names, as mergekit applies it) hits exactly the weight (and bias)
+    of that branch's output projection in the model's own parameter names, and nothing else in the block."""
+    import re
+
+    model = make_tiny(arch, 4)
+    plan = make_plan(None, model=model, blocks=[0], branches=[("attn", 1), ("mlp", 2)])
+    text = mergekit_yaml(plan, "src", config=model.config)
+    filters = dict(zip(("attn", "mlp"), re.findall(r'filter: "([^"]+)"', text)))
+    adapter = get_adapter(model)
+    for kind, block in (("attn", 1), ("mlp", 2)):
+        names = [n for n, _ in adapter.blocks()[block].named_parameters()]
+        hit = sorted(n for n in names if filters[kind] in n)
+        proj = adapter.attn_out if kind == "attn" else adapter.mlp_out
+        want = sorted(f"{filters[kind]}.{leaf}" for leaf, _ in proj(adapter.blocks()[block]).named_parameters())
+        assert hit == want and hit, (arch, kind, hit, want)
+
+
+def test_mergekit_refuses_what_it_cannot_express():
+    from shortllm.errors import PlanError
+    from shortllm.pruning.mergekit import MergekitWarning
+    from shortllm.pruning.plans import Plan
+
+    opt = make_tiny("opt", 4)
+    with pytest.raises(PlanError, match="no architecture definition for 'opt'"):
+        mergekit_yaml(make_plan(None, model=opt, blocks=[1]), "o")
+    unknown = Plan(num_layers=4, removed=[], removed_branches=[("attn", 1)], model_type="somearch")
+    with pytest.raises(PlanError, match="somearch.*whole blocks only"):
+        mergekit_yaml(unknown, "u")
+    gpt2 = make_tiny("gpt2", 4)
+    gpt2.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.warns(MergekitWarning, match="scale_attn_by_inverse_layer_idx"):
+        text = mergekit_yaml(make_plan(None, model=gpt2, blocks=[1]), "g", config=gpt2.config)
+    assert "# WARNING: GPT-2" in text
+    gpt2.config.scale_attn_by_inverse_layer_idx = False
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mergekit_yaml(make_plan(None, model=gpt2, blocks=[1]), "g", config=gpt2.config)
+        mergekit_yaml(make_plan(None, model=gpt2, blocks=[3]), "g")  # nothing renumbered: no scale changes
 
 
 def _mergekit_cmd():
@@ -168,15 +214,16 @@ def _mergekit_cmd():
     return [found] if found else None
 
 
-def test_mergekit_output_equals_shortllm_export(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mergekit_output_equals_shortllm_export(tmp_path, arch):
     cmd = _mergekit_cmd()
     if cmd is None:
         pytest.skip("mergekit is not installed (pip install mergekit in a separate venv and set "
                     "SHORTLLM_MERGEKIT=/path/to/venv/bin/mergekit-yaml)")
-    src = make_tiny("llama", 6, seed=4)
+    src = make_tiny(arch, 6, seed=4)
     src.save_pretrained(tmp_path / "src")
     plan = make_plan(None, model=src, blocks=[1, 3], branches=[("attn", 4), ("mlp", 0)])
-    (tmp_path / "plan.yaml").write_text(mergekit_yaml(plan, str(tmp_path / "src"), dtype="float32"))
+    (tmp_path / "plan.yaml").write_text(mergekit_yaml(plan, str(tmp_path / "src"), dtype="float32", config=src.config))
     proc = subprocess.run(cmd + [str(tmp_path / "plan.yaml"), str(tmp_path / "mk"), "--no-copy-tokenizer"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -189,28 +236,21 @@ def test_mergekit_output_equals_shortllm_export(tmp_path):
 
 
 def test_cli_prune(tmp_path, capsys):
-    import argparse
-
-    from shortllm.engine import score_fast
-    from shortllm.prune import register_cli
+    from shortllm.cli.app import main
+    from shortllm.scoring.engine import score_fast
 
     model = make_tiny("llama", 8, seed=5)
     model.save_pretrained(tmp_path / "m")
     batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     score_fast(model, [batch], metrics=("mag",), progress=False).save(tmp_path / "s.json")
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="cmd"))
     argv = ["prune", str(tmp_path / "m"), "--scores", str(tmp_path / "s.json"), "--metric", "mag", "--remove", "2",
             "-o", str(tmp_path / "out"), "--mergekit", str(tmp_path / "plan.yaml"),
             "--plan-out", str(tmp_path / "p.json")]
-    args = parser.parse_args(argv)
-    assert args.func(args) == 0
+    assert main(argv) == 0
     plan = Plan.load(tmp_path / "p.json")
     assert len(plan.removed) == 2 and all(4 <= i < 6 for i in plan.removed)  # Mag+ protects (4, 2)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 6
     assert "passthrough" in (tmp_path / "plan.yaml").read_text()
-    from shortllm.cli import main
-
     capsys.readouterr()
     assert main(argv) == 2  # same output again: refused, exit code 2, one line
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
@@ -223,8 +263,8 @@ def test_cli_prune(tmp_path, capsys):
 def test_smollm2_prune_export_reload_generate(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shortllm.engine import score_fast
-    from shortllm.fuse import fuse
+    from shortllm.pruning.fusion import fuse
+    from shortllm.scoring.engine import score_fast
 
     model, tok = smollm2
     ones = torch.ones(1, 4, dtype=torch.long)
@@ -245,21 +285,15 @@ def test_smollm2_prune_export_reload_generate(smollm2, tmp_path):
     assert meta["scores"]["meta"]["fingerprint"] == scores.meta["fingerprint"]
 
 
-def test_cli_prune_from_search_result(tmp_path):
-    import argparse
-
-    from shortllm.prune import register_cli
+def test_cli_prune_from_plan_file(tmp_path):
+    from shortllm.cli.app import main
 
     model = make_tiny("qwen3", 5, seed=6)
     model.save_pretrained(tmp_path / "m")
-    (tmp_path / "search.json").write_text(json.dumps({"method": "subblock", "plan": [
-        {"kind": "attn", "block": 1}, {"kind": "block", "block": 3}, {"kind": "mlp", "block": 0}]}))
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["prune", str(tmp_path / "m"), "--search", str(tmp_path / "search.json"),
-                              "-o", str(tmp_path / "out"), "--fused"])
-    assert args.func(args) == 0
-    from shortllm.fuse import load_fused
+    make_plan(None, model=model, blocks=[3], branches=[("attn", 1), ("mlp", 0)]).save(tmp_path / "plan.json")
+    assert main(["prune", str(tmp_path / "m"), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "out"),
+                 "--fused"]) == 0
+    from shortllm.pruning.fusion import load_fused
 
     fused = load_fused(tmp_path / "out")
     assert fused.config.num_hidden_layers == 4 and sorted(fused.shortllm_dropped) == [("attn", 1), ("mlp", 0)]

@@ -22,7 +22,7 @@ _EXPORT_SCRIPT = r"""
 import sys
 sys.path.insert(0, {here!r})
 from tiny_models import make_tiny
-from shortllm.export import export
+from shortllm.pruning.exporting import export
 model = make_tiny("llama", num_layers=8, seed=11)
 print("go", flush=True)
 export(model, sys.argv[1], max_shard_size="100KB")
@@ -33,7 +33,7 @@ print("done", flush=True)
 def _assert_complete(out: Path, seed: int = 11) -> None:
     import transformers
 
-    from shortllm.export import check_index
+    from shortllm.io.checkpoint_files import check_index
 
     check_index(out)
     assert (out / "shortllm.json").is_file() and (out / "config.json").is_file()
@@ -51,7 +51,7 @@ def test_kill_during_export_leaves_target_absent_or_complete(tmp_path):
     outcomes = []
     for k in range(3):
         out = tmp_path / f"out{k}"
-        proc = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, cwd=tmp_path,
                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
             assert proc.stdout.readline().strip() == "go", proc.stderr.read()[-2000:]
@@ -74,7 +74,7 @@ def test_kill_during_export_leaves_target_absent_or_complete(tmp_path):
 
 def test_concurrent_exports_to_one_dir_one_wins_none_corrupt(tmp_path):
     from shortllm.errors import ExportError
-    from shortllm.export import export
+    from shortllm.pruning.exporting import export
 
     models = {11: make_tiny("llama", num_layers=8, seed=11), 12: make_tiny("llama", num_layers=8, seed=12)}
     out = tmp_path / "same"
@@ -118,11 +118,11 @@ def _plant(directory: Path, marker: Path) -> None:
 
 
 def test_loaders_never_unpickle(tmp_path):
-    from shortllm.engine import score_fast
     from shortllm.errors import ModelLoadError
-    from shortllm.export import export
-    from shortllm.models import load_model
-    from shortllm.scores import Scores
+    from shortllm.model.loading import load_model
+    from shortllm.pruning.exporting import export
+    from shortllm.scoring.engine import score_fast
+    from shortllm.scoring.scores import Scores
 
     marker = tmp_path / "PWNED"
     with open(tmp_path / "probe.pkl", "wb") as f:  # the payload works when something does unpickle it

@@ -1,4 +1,4 @@
-"""shortllm.models: the built-in SmolLM2 checkpoint (download, convert, atomic cache) and local loads."""
+"""shortllm.model.loading: the built-in SmolLM2 checkpoint (download, convert, atomic cache) and local loads."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,9 @@ import pytest
 import torch
 from tiny_models import make_tiny
 
-from shortllm import models as M
 from shortllm.errors import ModelLoadError
-from shortllm.models import builtin_checkpoint, load_model, model_id
+from shortllm.model import loading as M
+from shortllm.model.loading import builtin_checkpoint, load_model, model_id
 
 ENGLISH = ("The history of the city goes back to the Roman period, when a small settlement grew up "
            "around the river crossing. In the Middle Ages it became an important market town, and "

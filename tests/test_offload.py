@@ -3,7 +3,6 @@
 typed errors naming the file."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -14,10 +13,10 @@ import torch
 import transformers as tf
 from tiny_models import make_tiny, random_batch
 
-from shortllm import offload_io
-from shortllm.engine import score_fast
 from shortllm.errors import CheckpointError, DiskSpaceError, ModelLoadError, ShortLLMError
-from shortllm.offload import BlockLoader, add_offload_args, run_offload_from_args, score_checkpoint
+from shortllm.scoring import offload_state
+from shortllm.scoring.engine import score_fast
+from shortllm.scoring.offload import BlockLoader, score_checkpoint
 
 ALL = ("bi", "angular", "mag", "taylor", "ppl")
 # max relative difference allowed between out-of-core and in-memory scores, by compute dtype
@@ -70,7 +69,7 @@ def test_offload_equals_in_memory(tmp_path, arch):
 
 def test_float64_and_physical_deletion(tmp_path):
     """float64: equal to score_fast to 1e-9, and PPL equal to rebuilding the model without block i."""
-    from shortllm.ppl import removal_ppl_naive
+    from shortllm.scoring.ppl import removal_ppl_naive
 
     d, ref = _save(tmp_path, "llama", torch.float64, layers=5)
     data = _data()
@@ -109,19 +108,14 @@ def test_options_spill_and_one_block_at_a_time(tmp_path, monkeypatch):
     assert spill.is_dir() and not any(spill.iterdir()), "spilled states must be deleted"
 
 
-def test_single_file_checkpoint_and_cli_helpers(tmp_path):
+def test_single_file_checkpoint(tmp_path):
     model = make_tiny("gpt_neox", num_layers=3, seed=5)
     d = tmp_path / "single"
     model.save_pretrained(d)  # one model.safetensors; the LM head is stored as `embed_out` (a renamed key)
     assert (d / "model.safetensors").exists()
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("--metrics", default="bi,mag,ppl")
-    add_offload_args(parser)
-    args = parser.parse_args([str(d), "--offload-dtype", "float64", "--spill", "memory",
-                              "--attn-implementation", "eager"])
     data = [random_batch(2, 9, seed=4)]
-    off = run_offload_from_args(args, data=data)
+    off = score_checkpoint(d, data, metrics=("bi", "mag", "ppl"), dtype=torch.float64, spill="memory",
+                           attn_implementation="eager", progress=False)
     ref = tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64, attn_implementation="eager").eval()
     mem = score_fast(ref, data, metrics=("bi", "mag", "ppl"), progress=False)
     _assert_same(mem, off, torch.float64, ("bi", "mag", "ppl"))
@@ -209,7 +203,7 @@ def test_not_enough_disk_for_spilled_states(ckpt, tmp_path, monkeypatch):
         u = real(path)
         return type(u)(u.total, u.total - 1000, 1000)
 
-    monkeypatch.setattr(offload_io.shutil, "disk_usage", tiny_disk)
+    monkeypatch.setattr(offload_state.shutil, "disk_usage", tiny_disk)
     with pytest.raises(DiskSpaceError, match=str(spill)) as exc:
         _score(ckpt, spill="disk", spill_dir=spill)
     assert isinstance(exc.value, ShortLLMError) and isinstance(exc.value, OSError)
@@ -217,7 +211,7 @@ def test_not_enough_disk_for_spilled_states(ckpt, tmp_path, monkeypatch):
 
 @pytest.mark.real_model
 def test_smollm2_offload_equals_in_memory(smollm2):
-    from shortllm.models import builtin_checkpoint
+    from shortllm.model.loading import builtin_checkpoint
 
     model, _ = smollm2
     g = torch.Generator().manual_seed(0)

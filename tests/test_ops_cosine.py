@@ -10,24 +10,31 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ops_helpers import need_triton
+from ops_helpers import need_triton, padding_mask, plant_nonfinite, poisoned_empty
 
 from shortllm.ops import _backend, cosine_stats_, cosine_stats_ref
 
-F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 DTYPES = (F32, BF16, F16)
 
 # Per-row absolute error allowed on cos and on angular; the sums get tol * rows. The inputs are already
 # rounded to the dtype and the oracle reads the same values in float64, so this bounds only the
 # kernels' own arithmetic: C++ float32 rows -> exact double products; C++ bf16/fp16 -> exact float32
-# products with short float32 runs flushed to double; Triton -> float32 row sums.
+# products with short float32 runs flushed to double; Triton -> float32 row sums. float64 inputs are
+# outside the kernels' dtypes: every backend hands them to the float64 reference.
 ROW_TOL = {
-    "ref": {F32: 1e-12, BF16: 1e-12, F16: 1e-12},
-    "cpu": {F32: 1e-12, BF16: 2e-6, F16: 2e-6},
-    "triton": {F32: 2e-5, BF16: 2e-5, F16: 2e-5},
+    "ref": {F32: 1e-12, BF16: 1e-12, F16: 1e-12, F64: 1e-12},
+    "cpu": {F32: 1e-12, BF16: 2e-6, F16: 2e-6, F64: 1e-12},
+    "triton": {F32: 2e-5, BF16: 2e-5, F16: 2e-5, F64: 1e-12},
 }
 START = (0.25, -1.5, 3.0)  # acc starts non-zero: the op must add, not overwrite
 
+
+@pytest.fixture(autouse=True)
+def _poison_scratch():
+    # partial-sum buffers come from torch.empty: NaN-filled here, so a slot no program wrote shows up
+    with poisoned_empty():
+        yield
 
 
 
@@ -182,3 +189,39 @@ def test_mask_of_other_dtype_and_shape(backend):
     x, y = make_xy(20, 64, F32, False, seed=2)
     m = (torch.arange(20) % 3 == 0).to(torch.int32).reshape(4, 5)  # any dtype/shape with N entries
     check(backend, x, y, m)
+
+
+# Padded rows never reach a statistic, whatever they hold: NaN/Inf planted in masked rows only must leave
+# the sums equal to the float64 reference over the valid rows alone (sliced out first, so the oracle never
+# sees a padded row), on every backend, for every dtype the op takes.
+PAD_SHAPES = [(1, 577), (129, 1), (129, 65), (577, 577)]
+
+
+@pytest.mark.parametrize("dtype", (F32, BF16, F16, F64), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("n,d", PAD_SHAPES, ids=lambda v: str(v))
+def test_nan_inf_in_padded_rows_never_reach_the_sums(backend, n, d, dtype):
+    seed = n * 1009 + d
+    x, y = make_xy(n, d, dtype, noncontig=d > 1, seed=seed)
+    mask = padding_mask(n, seed)
+    plant_nonfinite([x, y], ~mask, seed)
+    assert torch.isfinite(x[mask].double()).all() and torch.isfinite(y[mask].double()).all(), "test setup"
+    want = cosine_stats_ref(x[mask].double(), y[mask].double(), None)
+
+    acc = torch.tensor(START, dtype=torch.float64)
+    cosine_stats_(x, y, mask, acc)
+    got = acc - torch.tensor(START, dtype=torch.float64)
+    assert torch.isfinite(acc).all(), f"{backend} {dtype}: a padded row's NaN/Inf reached the sums: {got.tolist()}"
+    assert got[2].item() == mask.sum().item(), f"count {got[2].item()} != {mask.sum().item()} valid rows"
+    tol = ROW_TOL[backend][dtype] * max(1.0, want[2].item()) + 1e-12
+    err = (got[:2] - want[:2]).abs().max().item()
+    assert err <= tol, f"{backend} {dtype} {n}x{d}: |err|={err:.3g} > tol={tol:.3g}"
+
+
+def test_nan_in_valid_rows_still_propagates(backend):
+    # the other half of the contract: ignoring padding must not hide a NaN in a row that counts
+    x, y = make_xy(40, 65, F32, noncontig=True, seed=8)
+    mask = padding_mask(40, seed=8)
+    x[int(mask.nonzero()[-1])] = float("nan")
+    acc = torch.zeros(3, dtype=torch.float64)
+    cosine_stats_(x, y, mask, acc)
+    assert torch.isnan(acc[0]) and torch.isnan(acc[1]) and acc[2].item() == mask.sum().item(), acc

@@ -31,7 +31,7 @@ def _backends() -> list[str]:
 
 
 def _score_all(model, data, monkeypatch, names, metrics=METRICS):
-    from shortllm.engine import score_fast
+    from shortllm.scoring.engine import score_fast
 
     out = {}
     for name in ["ref", *names]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ops_helpers import poisoned_empty
 
 from shortllm.ops import _backend, taylor_stats_, taylor_stats_ref
 
@@ -21,6 +22,11 @@ REL_TOL = {"ref": (1e-12, 1e-12), "cpu": (1e-6, 1e-6), "triton": (1e-6, 1e-12)}
 START = (1.0, 2.0, -3.0)
 
 
+@pytest.fixture(autouse=True)
+def _poison_scratch():
+    # partial-sum buffers come from torch.empty: NaN-filled here, so a slot no program wrote shows up
+    with poisoned_empty():
+        yield
 
 
 def make_wg(shape, dtype, seed, noncontig=False, gdtype=None):

@@ -8,8 +8,9 @@ import torch
 from tiny_models import make_tiny
 
 from shortllm.errors import PlanError
-from shortllm.plan import Plan, blocks_for_ratio, count_params, make_plan
-from shortllm.scores import Scores, weights_fingerprint
+from shortllm.model.fingerprint import weights_fingerprint
+from shortllm.pruning.plans import Plan, blocks_for_ratio, count_params, make_plan
+from shortllm.scoring.scores import Scores
 
 L = 8
 
@@ -140,6 +141,9 @@ def test_plan_json_round_trip_and_model_check(model, tmp_path):
         Plan.load(path, model=make_tiny("qwen2", L, seed=3))
     # same model in another dtype: refused by weights unless check_weights=False
     half = make_tiny("llama", L, seed=3, dtype=torch.bfloat16)
+    # the same weights in bf16 are the same model (the fingerprint samples rounded to bf16, without the dtype)
+    assert Plan.load(path, model=half).removed == plan.removed
+    half = make_tiny("llama", L, seed=3, dtype=torch.float16)  # fp16 rounds differently: not recognised
     with pytest.raises(PlanError, match="check_weights=False"):
         plan.check_model(half)
     plan.check_model(half, check_weights=False)
@@ -166,7 +170,7 @@ def test_scores_of_another_model_refused(model):
 
 
 def test_plan_from_real_mag_scores(model):
-    from shortllm.engine import score_fast
+    from shortllm.scoring.engine import score_fast
 
     batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     s = score_fast(model, [batch], metrics=("mag",), progress=False)
@@ -180,7 +184,7 @@ def test_plan_from_real_mag_scores(model):
 def test_branch_pairs_and_search_results(model):
     from types import SimpleNamespace
 
-    from shortllm.plan import plan_from_search
+    from shortllm.pruning.plans import plan_from_search
 
     plan = make_plan(None, model=model, branches=[("attn", 3), ("mlp", 3), ("mlp", 5)])
     assert plan.removed == [3] and plan.removed_branches == [("mlp", 5)]
@@ -188,3 +192,19 @@ def test_branch_pairs_and_search_results(model):
     p2 = plan_from_search(res, model)
     assert p2.removed == [2, 6] and p2.removed_branches == [("attn", 1)] and p2.metric == "ppl-subblock"
     assert Plan.from_dict(p2.to_dict()).to_dict() == p2.to_dict()
+
+
+def test_ratio_the_protection_rule_cannot_meet_is_an_error_naming_the_largest_ratio():
+    model10 = make_tiny("llama", 10, seed=1)
+    ones = torch.ones(1, 4, dtype=torch.long)
+    from shortllm.scoring.engine import score_fast
+
+    s = score_fast(model10, [{"input_ids": ones, "attention_mask": ones}], metrics=("mag",), progress=False)
+    total, per_block = count_params(model10), count_params(model10.model.layers[0])
+    largest = 4 * per_block / total  # Mag+ on 10 blocks: only blocks 4..7 are removable
+    with pytest.raises(PlanError, match=f"largest ratio possible is {largest:.4f}") as info:
+        make_plan(s, "mag", model=model10, ratio=0.9)
+    assert "protect=(4, 2)" in str(info.value)
+    # a ratio the removable blocks can meet still works, up to all four of them
+    assert len(make_plan(s, "mag", model=model10, ratio=largest).removed) == 4
+    assert make_plan(s, "mag", model=model10, ratio=0.9, protect=(0, 0)).removed_fraction > 0.5

@@ -5,11 +5,11 @@ import pytest
 import torch
 from tiny_models import make_tiny, random_batch
 
-from shortllm.arch import get_adapter
-from shortllm.engine import score_fast
 from shortllm.errors import EmptyLoaderError, MetricError
+from shortllm.model.adapters import get_adapter
 from shortllm.ops.cross_entropy import lm_head_nll_ref
-from shortllm.ppl import HeadLoss, delete_blocks_copy, mean_nll_full, removal_ppl_naive
+from shortllm.scoring.engine import score_fast
+from shortllm.scoring.ppl import HeadLoss, delete_blocks_copy, mean_nll_full, removal_ppl_naive
 
 
 def _reference(model, data):
@@ -107,7 +107,7 @@ def test_ppl_errors():
 
 @pytest.mark.real_model
 def test_ppl_real_model(smollm2, data_dir):
-    from shortllm.data import calibration_loader
+    from shortllm.data.calibration import calibration_loader
 
     model, tok = smollm2
     data = calibration_loader("wikitext2", tok, n_samples=2, seq_len=40, batch_size=2)
@@ -116,7 +116,7 @@ def test_ppl_real_model(smollm2, data_dir):
     adapter = get_adapter(model)
     for i in (0, 29):
         with torch.no_grad():
-            from shortllm.replay import layers_removed
+            from shortllm.model.replay import layers_removed
 
             with layers_removed(model, adapter, [i]):
                 want = math.exp(mean_nll_full(model, data, float64=False))

@@ -7,10 +7,10 @@ import torch
 import transformers as tf
 from tiny_models import TINY_ARCHS, make_tiny, random_batch
 
-from shortllm.arch import get_adapter
 from shortllm.errors import PlanError
-from shortllm.plan import make_plan
-from shortllm.prune import prune
+from shortllm.model.adapters import get_adapter
+from shortllm.pruning.plans import make_plan
+from shortllm.pruning.removal import prune
 
 
 def reference_logits(model, plan, batch):
@@ -131,7 +131,7 @@ def test_prune_refuses_plan_of_another_model():
 
 
 def test_width_baseline_shrinks_to_ratio_and_round_trips(tmp_path):
-    from shortllm.width import width_prune
+    from shortllm.pruning.width import width_prune
 
     model = make_tiny("llama", 4, seed=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
     before = sum(p.numel() for p in model.parameters())

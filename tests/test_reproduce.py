@@ -37,7 +37,7 @@ def test_reproduce_every_cell_then_resume(tmp_path, data_dir):
     from _reproduce_report import write_report
     from reproduce_paper import cell_key, cell_list, run_experiment
 
-    from shortllm.retrain_data import text_data
+    from shortllm.retrain.train_data import text_data
 
     tok = make_bpe_tokenizer()
     model = make_tiny("llama", num_layers=8, dtype=torch.float32)
@@ -55,7 +55,8 @@ def test_reproduce_every_cell_then_resume(tmp_path, data_dir):
 
     base = cells["base"]
     assert base["removed"] == [] and base["params"] == base["params_before"]
-    from shortllm.evaluate import perplexity, zeroshot  # the script's preloaded-item scoring == the evaluator's
+    from shortllm.evaluation.corpus_ppl import perplexity
+    from shortllm.evaluation.zero_shot import zeroshot  # the script's preloaded-item scoring == the evaluator's
     ref = zeroshot(model, tok, limit=knobs.zs_limit, batch_size=knobs.zs_batch, progress=False, data_dir=data_dir)
     assert {k: v["score"] for k, v in base["zeroshot"].items()} == {k: v["score"] for k, v in ref.tasks.items()}
     assert base["zs_mean"] == pytest.approx(ref.mean, abs=1e-12)

@@ -43,7 +43,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
     rng = random.Random(seed)
     ckpt = tmp_path / "ckpt"
     job = {"name": "run", "dtype": "float32", "layers": 5, "n_batches": 24, "metrics": METRICS,
-           "checkpoint": str(ckpt), "every": 1, "kwargs": {"n_max": 3}}
+           "checkpoint": str(ckpt), "every": 1, "kwargs": {"n_max": 3}, "batch_delay": 0.1}
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"threads": 1, "jobs": [job]}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -78,7 +78,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed, n_tokens = load_scores(tmp_path / "run.rank0.safetensors")
-    ref = _single_thread(lambda: score_job({k: v for k, v in job.items() if k != "checkpoint"}))
+    ref = _single_thread(lambda: score_job({k: v for k, v in job.items() if k not in ("checkpoint", "batch_delay")}))
     differ = [k for k in ref.values if not _equal({k: resumed[k]}, {k: ref.values[k]})]
     assert not differ, f"seed {seed}, kills after {consumed_seen}: resumed {differ} differ"
     assert n_tokens == ref.meta["n_tokens"]
@@ -94,7 +94,7 @@ class _StopAfter(list):
     """The same batches (and fingerprint), but iteration raises after `n` batches: an in-process 'crash'."""
 
     def __init__(self, batches, n):
-        from shortllm.resume import data_fingerprint
+        from shortllm.scoring.resume import data_fingerprint
 
         super().__init__(batches)
         self.n, self.fingerprint = n, data_fingerprint(list(batches))
@@ -107,7 +107,7 @@ class _StopAfter(list):
 
 
 def _score(model, data, ckpt, metrics, every=2, **kw):
-    from shortllm.engine import score_fast
+    from shortllm.scoring.engine import score_fast
 
     return score_fast(model, data, metrics=metrics, progress=False, checkpoint=str(ckpt), every=every, **kw)
 
@@ -118,7 +118,7 @@ def test_interrupted_twice_resumes_bit_identical(tmp_path, dtype):
     job = {"dtype": {torch.bfloat16: "bfloat16", torch.float64: "float64"}[dtype], "layers": 4, "n_batches": 9}
     model, data = build_model(job), build_data(job)
     metrics = ("bi", "angular", "taylor", "ppl")
-    from shortllm.engine import score_fast
+    from shortllm.scoring.engine import score_fast
 
     ref = _single_thread(lambda: score_fast(model, data, metrics=metrics, progress=False))
     for cut in (3, 6):

@@ -1,7 +1,6 @@
 """Retraining (LoRA / CPT): loss goes down, merged export is exact, resume is bit-identical, errors are typed."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -12,17 +11,11 @@ import pytest
 import torch
 from tiny_models import make_tiny
 
-from shortllm.errors import CheckpointError, DataError, ExportError, ShortLLMError
-from shortllm.retrain import (
-    RetrainConfig,
-    RetrainConfigError,
-    _wrap_lora,
-    lora_target_modules,
-    register_cli,
-    retrain,
-    save_retrained,
-)
-from shortllm.retrain_data import RetrainData, instruction_data, load_retrain_data, text_data
+from shortllm.errors import CheckpointError, DataError, ExportError, RetrainConfigError, ShortLLMError
+from shortllm.retrain.config import RetrainConfig
+from shortllm.retrain.train_data import RetrainData, instruction_data, load_retrain_data, text_data
+from shortllm.retrain.training import _wrap_lora, lora_target_modules, save_retrained
+from shortllm.retrain.training import retrain_model as retrain
 
 pytest.importorskip("peft")
 
@@ -218,8 +211,8 @@ sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from test_retrain import char_tokenizer, toy_corpus, cfg
 from tiny_models import make_tiny
-from shortllm.retrain import retrain
-from shortllm.retrain_data import text_data
+from shortllm.retrain.training import retrain_model as retrain
+from shortllm.retrain.train_data import text_data
 tok = char_tokenizer()
 retrain(make_tiny("llama"), tok, text_data(toy_corpus(), tok, 32, 0.1), cfg(**{kw!r}), out_dir={out!r}, resume=True,
         progress=False)
@@ -333,24 +326,21 @@ def test_cli_retrain(tok, tmp_path):
     make_tiny("llama").save_pretrained(str(src))
     tok.save_pretrained(str(src))
     (tmp_path / "corpus.txt").write_text(toy_corpus(200))
-    parser = argparse.ArgumentParser(prog="shortllm")
-    register_cli(parser.add_subparsers(dest="cmd"))
+    from shortllm.cli.app import main
+
     argv = ["retrain", str(src), "--method", "cpt", "--data", str(tmp_path / "corpus.txt"), "--steps", "4",
             "-o", str(tmp_path / "out"), "--seq-len", "32", "--lr", "3e-3", "--no-progress"]
-    args = parser.parse_args(argv)
-    assert args.func(args) == 0
+    assert main(argv) == 0
     report = json.loads((tmp_path / "out" / "retrain.json").read_text())
     assert report["steps_done"] == 4 and report["ppl_after"] < report["ppl_before"]
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "model")).config.num_hidden_layers == 4
     with pytest.raises(ExportError):
-        args.func(parser.parse_args(argv))
+        main(["--debug"] + argv)
     with pytest.raises(DataError, match="Unknown corpus"):
-        bad = parser.parse_args(argv[:5] + ["nope"] + argv[6:9] + [str(tmp_path / "out2")] + argv[10:])
-        bad.func(bad)
+        main(["--debug"] + argv[:5] + ["nope"] + argv[6:9] + [str(tmp_path / "out2")] + argv[10:])
     assert not (tmp_path / "out2").exists(), "a failed run leaves no output folder"
-    args = parser.parse_args(argv + ["--resume"])
-    assert args.func(args) == 0  # already finished: reloads the last checkpoint and re-exports
+    assert main(argv + ["--resume"]) == 0  # already finished: reloads the last checkpoint and re-exports
 
 
 # ---------------------------------------------------------------- real model
@@ -358,10 +348,10 @@ def test_cli_retrain(tok, tmp_path):
 def test_real_smollm2_pruned_35pct_lora_and_cpt_lower_ppl(data_dir):
     """Blocks 14..26 of 30 removed (34.2% of the parameters): 8 steps x 2 x 128 PTB-train tokens of LoRA,
     and of CPT, each lower the held-out PPL (measured: ~89k -> ~1e5..1e4 range; numbers printed)."""
-    from shortllm.data import load_corpus_text
-    from shortllm.models import load_model
-    from shortllm.plan import make_plan
-    from shortllm.prune import prune
+    from shortllm.data.corpora import load_corpus_text
+    from shortllm.model.loading import load_model
+    from shortllm.pruning.plans import make_plan
+    from shortllm.pruning.removal import prune
 
     text = load_corpus_text("ptb", "train", data_dir)[:60_000]
     numbers = {}

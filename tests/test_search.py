@@ -1,5 +1,4 @@
 """SLEB iterative search against brute force; BlockPruner sub-blocks against zeroed output projections."""
-import argparse
 import copy
 import json
 import math
@@ -8,10 +7,10 @@ import pytest
 import torch
 from tiny_models import make_tiny, random_batch
 
-from shortllm.arch import get_adapter
 from shortllm.errors import EmptyLoaderError, PlanError
-from shortllm.ppl import delete_blocks_copy, mean_nll_full
-from shortllm.search import iterative, register_cli, subblock
+from shortllm.model.adapters import get_adapter
+from shortllm.scoring.ppl import delete_blocks_copy, mean_nll_full
+from shortllm.scoring.search import iterative, subblock
 
 
 def _data():
@@ -118,31 +117,25 @@ def test_result_json_and_cli_parser(tmp_path):
     assert [tuple(x) for x in d["order"]] == res.plan and not list(tmp_path.glob(".*tmp"))
     # greedy PPL never goes below the best candidate of its round
     assert d["ppl_after_each_step"][0] == min(d["candidate_ppl"][0].values())
-    from shortllm.search import to_plan
+    from shortllm.scoring.search import to_plan
 
     plan = to_plan(res, model)
     assert plan.removed_branches == sorted(res.plan) or set(plan.removed) == {b for _, b in res.plan}
     assert plan.scores_meta["search"]["order"] == d["order"]
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["search", "m", "--method", "subblock", "--remove", "2", "-o", "x.json"])
-    assert args.func is not None and args.remove == 2 and args.method == "subblock" and args.data == "wikitext2"
 
 
 @pytest.mark.real_model
 def test_search_cli_real_model(smollm2, data_dir, tmp_path):
     """End to end on SmolLM2 (tiny calibration set): the CLI handler writes a plan whose first removal is the
     argmin of score_fast's ppl metric on the same data."""
-    from shortllm.data import calibration_loader
-    from shortllm.engine import score_fast
+    from shortllm.cli.app import main
+    from shortllm.data.calibration import calibration_loader
+    from shortllm.scoring.engine import score_fast
 
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="cmd"))
     out = tmp_path / "plan.json"
-    args = parser.parse_args(["search", "smollm2-135m", "--remove", "1", "--samples", "1", "--seq-len", "32",
-                              "--protect-first", "1", "-q", "-o", str(out)])
-    assert args.func(args) == 0
-    from shortllm.plan import Plan
+    assert main(["search", "smollm2-135m", "--remove", "1", "--samples", "1", "--seq-len", "32",
+                 "--protect-first", "1", "-q", "-o", str(out)]) == 0
+    from shortllm.pruning.plans import Plan
 
     model, tok = smollm2
     plan = Plan.load(out, model)  # a plan `shortllm prune` accepts, for this very model
@@ -152,3 +145,30 @@ def test_search_cli_real_model(smollm2, data_dir, tmp_path):
     ppl = score_fast(model, data, metrics=("ppl",), progress=False).values["ppl"]
     assert d["order"] == [int(torch.argmin(ppl[1:])) + 1]
     assert d["ppl_after_each_step"][0] == pytest.approx(float(ppl[d["order"][0]]), rel=1e-5)
+
+
+def test_search_then_prune_cli_chain(tmp_path):
+    """`shortllm search DIR ... -o plan.json` then `shortllm prune DIR --plan plan.json -o out/` (the real CLI):
+    the exported model equals pruning by the searched plan in Python."""
+    from eval_helpers import make_bpe_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from shortllm.cli.app import main
+    from shortllm.pruning.plans import Plan
+    from shortllm.pruning.removal import prune
+
+    model = make_tiny("llama", 5, seed=9)
+    model.save_pretrained(tmp_path / "m")
+    make_bpe_tokenizer().save_pretrained(tmp_path / "m")
+    (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 80)
+    plan_path = tmp_path / "plan.json"
+    assert main(["search", str(tmp_path / "m"), "--method", "subblock", "--remove", "2", "--data",
+                 str(tmp_path / "calib.txt"), "--samples", "2", "--seq-len", "16", "-q", "-o", str(plan_path)]) == 0
+    plan = Plan.load(plan_path, model)
+    assert plan.mode == "search" and len(plan.removed_branches) + 2 * len(plan.removed) == 2
+    assert main(["prune", str(tmp_path / "m"), "--plan", str(plan_path), "-o", str(tmp_path / "out")]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ref = prune(model, plan)
+    batch = random_batch(2, 8, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, ref(**batch).logits, rtol=1e-5, atol=1e-5)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from eval_helpers import make_bpe_tokenizer, make_unigram_gpt2
 
-from shortllm import evaluate as ev
-from shortllm import tasks as T
+from shortllm.data import tasks as T
 from shortllm.errors import DataError
+from shortllm.evaluation import zero_shot as zs
 
 
 # ------------------------------------------------------------------ real files: lm-eval templates
@@ -128,8 +128,8 @@ EXPECTED = {  # task: (acc, acc_norm)
 
 
 def test_each_task_scores_known_answers(hand_data, monkeypatch):
-    monkeypatch.setattr(ev, "loglikelihoods", fake_loglik)
-    res = ev.zeroshot(None, None, list(T.TASKS), data_dir=hand_data, progress=False, return_details=True)
+    monkeypatch.setattr(zs, "loglikelihoods", fake_loglik)
+    res = zs.zeroshot(None, None, list(T.TASKS), data_dir=hand_data, progress=False, return_details=True)
     for name, (acc, acc_norm) in EXPECTED.items():
         t = res.tasks[name]
         assert (t["acc"], t["acc_norm"]) == pytest.approx((acc, acc_norm)), name
@@ -138,7 +138,7 @@ def test_each_task_scores_known_answers(hand_data, monkeypatch):
     assert res.tasks["arc_challenge"]["details"][0]["pred_norm"] == 1  # acc_norm differs where lengths differ
     expected_mean = (2 / 3 + 1 / 2 + 1 / 2 + 1 / 2 + 1.0 + 1.0 + 1.0) / 7
     assert res.mean == pytest.approx(expected_mean)
-    lim = ev.zeroshot(None, None, ["boolq"], limit=1, data_dir=hand_data, progress=False)
+    lim = zs.zeroshot(None, None, ["boolq"], limit=1, data_dir=hand_data, progress=False)
     assert lim.tasks["boolq"]["n"] == 1 and lim.settings["limit"] == 1
 
 
@@ -170,11 +170,11 @@ def test_score_items_tie_and_norm():
 def test_unigram_model_prefers_the_likely_continuation(hand_data):
     """End to end with a real forward: a model that puts all its mass on ' good' answers 'good'."""
     tok = make_bpe_tokenizer()
-    good = ev.encode_pair(tok, "Question: which?\nAnswer:", " good")[1]
+    good = zs.encode_pair(tok, "Question: which?\nAnswer:", " good")[1]
     logits = torch.full((128,), -8.0, dtype=torch.float64)
     logits[good] = 8.0
     model = make_unigram_gpt2(logits)
-    res = ev.zeroshot(model, tok, ["arc_easy", "piqa"], data_dir=hand_data, progress=False, return_details=True)
+    res = zs.zeroshot(model, tok, ["arc_easy", "piqa"], data_dir=hand_data, progress=False, return_details=True)
     d = res.tasks["arc_easy"]["details"]
     assert d[1]["pred"] == 1 and d[1]["pred_norm"] == 1  # "good" among "bad thing"/"good"/"bad"
     assert [x["pred"] for x in res.tasks["piqa"]["details"]] == [0, 1]  # the "good" solution each time

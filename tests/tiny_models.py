@@ -28,10 +28,20 @@ _SPECS = {
 }
 
 TINY_ARCHS = tuple(_SPECS)
+# name -> (model_type, config overrides): layouts of a supported architecture that take other code paths.
+# Kept out of TINY_ARCHS because the every-architecture tests remove branches, which these refuse.
+VARIANTS = {
+    # opt-350m: post-layer-norm blocks, no final LayerNorm (final_layer_norm is None), and a word embedding
+    # narrower than the blocks, so project_in / project_out exist
+    "opt_post_ln": ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 32}),
+}
 VOCAB = 128
 
 
 def tiny_config(model_type: str, num_layers: int = 4, **overrides):
+    if model_type in VARIANTS:
+        model_type, variant = VARIANTS[model_type]
+        overrides = {**variant, **overrides}
     cfg_name, _, extra = _SPECS[model_type]
     cfg_cls = getattr(tf, cfg_name)
     if model_type == "gpt2":
@@ -53,12 +63,12 @@ def tiny_config(model_type: str, num_layers: int = 4, **overrides):
 
 
 def make_tiny(model_type: str, num_layers: int = 4, seed: int = 0, dtype=torch.float32, **overrides):
-    """A randomly initialised tiny causal LM of `model_type`, in eval mode.
+    """A randomly initialised tiny causal LM of `model_type` (or of a VARIANTS name), in eval mode.
 
     Norm weights are perturbed away from their init (ones/zeros) so tests that rely on them
     (Mag, Taylor) see non-trivial values.
     """
-    _, model_name, _ = _SPECS[model_type]
+    _, model_name, _ = _SPECS[VARIANTS[model_type][0] if model_type in VARIANTS else model_type]
     torch.manual_seed(seed)
     model = getattr(tf, model_name)(tiny_config(model_type, num_layers, **overrides))
     with torch.no_grad():

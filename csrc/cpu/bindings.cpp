@@ -2,6 +2,8 @@
 // no torch headers, no torch at build time, no ABI coupling with the installed torch.
 #include <pybind11/pybind11.h>
 
+#include <vector>
+
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -22,6 +24,20 @@ PYBIND11_MODULE(_cpu, m) {
       },
       py::arg("x"), py::arg("sx"), py::arg("y"), py::arg("sy"), py::arg("n"), py::arg("d"), py::arg("dtype"),
       py::arg("mask"), py::arg("acc"), py::arg("nthreads") = 0, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "cosine_span_stats",
+      // table: int64 [2k] = k data pointers, then the k row strides (elements)
+      [](uintptr_t table, int k, uintptr_t y, int64_t sy, int64_t n, int64_t d, int dtype, uintptr_t mask,
+         uintptr_t acc, int64_t sacc, int nthreads) {
+        const int64_t* tab = ptr<const int64_t>(table);
+        std::vector<const void*> xs(k);
+        for (int i = 0; i < k; ++i) xs[i] = ptr<const void>(static_cast<uintptr_t>(tab[i]));
+        sllm::cosine_span_stats(xs.data(), tab + k, k, ptr<const void>(y), sy, n, d, dtype, ptr<const uint8_t>(mask),
+                                ptr<double>(acc), sacc, nthreads);
+      },
+      py::arg("table"), py::arg("k"), py::arg("y"), py::arg("sy"), py::arg("n"), py::arg("d"), py::arg("dtype"),
+      py::arg("mask"), py::arg("acc"), py::arg("sacc"), py::arg("nthreads") = 0,
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "taylor_stats",
       [](uintptr_t w, uintptr_t g, int64_t n, int dtype, uintptr_t acc, int nthreads) {
@@ -48,5 +64,5 @@ PYBIND11_MODULE(_cpu, m) {
       },
       py::arg("m"), py::arg("s"), py::arg("tgt"), py::arg("targets"), py::arg("ignore_index"), py::arg("n"),
       py::arg("nll"), py::arg("lse"), py::call_guard<py::gil_scoped_release>());
-  m.attr("OPS") = py::make_tuple("cosine_stats", "taylor_stats", "lse_update", "nll_finalize");
+  m.attr("OPS") = py::make_tuple("cosine_stats", "cosine_span_stats", "taylor_stats", "lse_update", "nll_finalize");
 }

@@ -186,6 +186,7 @@ SLLM_INLINE void cos_block(const char* x, int64_t sx, const char* y, int64_t sy,
   const int es = dtype_size(DT);
   double c = 0, a = 0, n = 0;
   for (int64_t r = r0; r < r1; ++r) {
+    // skip, never weight by the mask: a padded row may hold NaN/Inf, and NaN * 0 = NaN.
     if (mask && !mask[r]) continue;
     double s[3];
     row_sums<DT>(x + r * sx * es, y + r * sy * es, d, s);
@@ -207,6 +208,242 @@ SLLM_INLINE void cos_block(const char* x, int64_t sx, const char* y, int64_t sy,
 SLLM_COS_VARIANT(cos_block_f32, kF32)
 SLLM_COS_VARIANT(cos_block_bf16, kBF16)
 SLLM_COS_VARIANT(cos_block_f16, kF16)
+
+// ---- Fused spans: one y against k inputs x_0..x_{k-1} (cosine_span_stats) ----
+// Per pair the arithmetic is exactly row_sums<DT>'s: the same 16 lanes, kFlush runs, scalar tail, lane
+// tree and bf16 range fallback, so every pair's sums, row cosines, block slots and totals are
+// bit-identical to cosine_stats(x_i, y). What changes is the schedule: a row of y is read from memory
+// once (a bf16/fp16 row is widened once into a float32 row buffer, exactly) and stays in L1 while the
+// x rows stream past it, kSpanGroup inputs per sweep, |y|^2 summed during the first sweep only.
+// Accumulators are kept as 8-lane halves (lane j of the 16 is lane j % 8 of half j / 8: the same
+// additions) so they live in registers: a 16-lane double vector would be kept in memory, and a sweep
+// over several inputs would then wait on store-to-load round trips instead of on memory.
+typedef float vf8 __attribute__((vector_size(4 * kLanes / 2)));
+typedef double vd8 __attribute__((vector_size(8 * kLanes / 2)));
+
+constexpr int kSpanGroup = 4;  // x rows per sweep over a y row (v4: 16-22 of the 32 zmm registers)
+
+SLLM_INLINE vd8 widen_half(vf v, int half) {
+  vf8 h;
+  memcpy(&h, reinterpret_cast<const char*>(&v) + half * sizeof h, sizeof h);
+  return __builtin_convertvector(h, vd8);
+}
+
+// elements i .. i+15 of a row as two widened halves (float32 rows: two direct 8-float loads)
+template <int DT>
+SLLM_INLINE void load_halves(const void* p, int64_t i, vd8& lo, vd8& hi) {
+  if constexpr (DT == kF32) {
+    const vd w = widen(vload<DT>(p, i));
+    memcpy(&lo, &w, sizeof lo);
+    memcpy(&hi, reinterpret_cast<const char*>(&w) + sizeof lo, sizeof hi);
+  } else {
+    const vf v = vload<DT>(p, i);
+    lo = widen_half(v, 0);
+    hi = widen_half(v, 1);
+  }
+}
+
+SLLM_INLINE void spill_halves(const vd8 (&v)[2], double* out) {
+  memcpy(out, &v[0], sizeof v[0]);
+  memcpy(out + kLanes / 2, &v[1], sizeof v[1]);
+}
+
+// float32 inputs (and the bf16 range fallback): double lanes, as row_sums_f64. y: float32 row.
+template <int DT, int G, bool WITH_Y>
+SLLM_INLINE void group_sums_f64(const void* const* xr, const float* y, int64_t d, double* dot, double* xx,
+                                double* yy) {
+  vd8 ad[G][2] = {}, ax[G][2] = {}, ay[2] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes) {
+    vd8 b0, b1;
+    load_halves<kF32>(y, i, b0, b1);
+    if (WITH_Y) {
+      ay[0] += b0 * b0;
+      ay[1] += b1 * b1;
+    }
+#pragma GCC unroll 16
+    for (int g = 0; g < G; ++g) {
+      vd8 a0, a1;
+      load_halves<DT>(xr[g], i, a0, a1);
+      ad[g][0] += a0 * b0;
+      ad[g][1] += a1 * b1;
+      ax[g][0] += a0 * a0;
+      ax[g][1] += a1 * a1;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    double ld[kLanes], lx[kLanes];
+    spill_halves(ad[g], ld);
+    spill_halves(ax[g], lx);
+    for (int j = 0; i + j < d; ++j) {
+      const double a = load<DT>(xr[g], i + j), b = y[i + j];
+      ld[j] += a * b;
+      lx[j] += a * a;
+    }
+    dot[g] = lane_sum(ld);
+    xx[g] = lane_sum(lx);
+  }
+  if (WITH_Y) {
+    double ly[kLanes];
+    spill_halves(ay, ly);
+    for (int j = 0; i + j < d; ++j) {
+      const double b = y[i + j];
+      ly[j] += b * b;
+    }
+    *yy = lane_sum(ly);
+  }
+}
+
+// bf16/fp16 inputs: exact float32 products in runs of kFlush, flushed into double lanes, as row_sums_mixed.
+template <int DT, int G, bool WITH_Y>
+SLLM_INLINE void group_sums_mixed(const void* const* xr, const float* y, int64_t d, double* dot, double* xx,
+                                  double* yy) {
+  vd8 ad[G][2] = {}, ax[G][2] = {}, ay[2] = {};
+  int64_t i = 0;
+  while (i + kLanes <= d) {
+    vf fd[G] = {}, fx[G] = {}, fy = {0};
+    const int64_t steps = std::min<int64_t>(kFlush, (d - i) / kLanes);
+    for (int64_t s = 0; s < steps; ++s, i += kLanes) {
+      const vf b = vload<kF32>(y, i);
+      if (WITH_Y) fy += b * b;
+#pragma GCC unroll 16
+      for (int g = 0; g < G; ++g) {
+        const vf a = vload<DT>(xr[g], i);
+        fd[g] += a * b;
+        fx[g] += a * a;
+      }
+    }
+#pragma GCC unroll 16
+    for (int g = 0; g < G; ++g)
+      for (int h = 0; h < 2; ++h) {
+        ad[g][h] += widen_half(fd[g], h);
+        ax[g][h] += widen_half(fx[g], h);
+      }
+    if (WITH_Y)
+      for (int h = 0; h < 2; ++h) ay[h] += widen_half(fy, h);
+  }
+  for (int g = 0; g < G; ++g) {
+    double ld[kLanes], lx[kLanes];
+    spill_halves(ad[g], ld);
+    spill_halves(ax[g], lx);
+    for (int j = 0; i + j < d; ++j) {
+      const double a = load<DT>(xr[g], i + j), b = y[i + j];
+      ld[j] += a * b;
+      lx[j] += a * a;
+    }
+    dot[g] = lane_sum(ld);
+    xx[g] = lane_sum(lx);
+  }
+  if (WITH_Y) {
+    double ly[kLanes];
+    spill_halves(ay, ly);
+    for (int j = 0; i + j < d; ++j) {
+      const double b = y[i + j];
+      ly[j] += b * b;
+    }
+    *yy = lane_sum(ly);
+  }
+}
+
+template <int DT, int G, bool WITH_Y>
+SLLM_INLINE void group_sums(const void* const* xr, const float* y, int64_t d, double* dot, double* xx, double* yy) {
+  if constexpr (DT == kF32)
+    group_sums_f64<DT, G, WITH_Y>(xr, y, d, dot, xx, yy);
+  else
+    group_sums_mixed<DT, G, WITH_Y>(xr, y, d, dot, xx, yy);
+}
+
+// One sweep of g <= kSpanGroup inputs (a runtime count: the last group of k may be short).
+template <int DT, bool WITH_Y>
+SLLM_INLINE void sweep(int g, const void* const* xr, const float* y, int64_t d, double* dot, double* xx, double* yy) {
+  switch (g) {
+    case 1: return group_sums<DT, 1, WITH_Y>(xr, y, d, dot, xx, yy);
+    case 2: return group_sums<DT, 2, WITH_Y>(xr, y, d, dot, xx, yy);
+    case 3: return group_sums<DT, 3, WITH_Y>(xr, y, d, dot, xx, yy);
+    default: return group_sums<DT, kSpanGroup, WITH_Y>(xr, y, d, dot, xx, yy);
+  }
+}
+static_assert(kSpanGroup == 4, "sweep() dispatches group sizes 1..4");
+
+struct SpanArgs {
+  const void* const* xs;  // k row-major inputs
+  const int64_t* sxs;     // their row strides (elements)
+  int k;
+  const char* y;
+  int64_t sy;
+  int64_t d;
+  const uint8_t* mask;
+};
+
+// Rows r0..r1 of every pair into out[3 * i + 0..2] (i < k <= kMaxSpanInputs), in cos_block's order.
+template <int DT>
+SLLM_INLINE void span_block(const SpanArgs& a, int64_t r0, int64_t r1, double* out) {
+  const int es = dtype_size(DT);
+  const int64_t d = a.d;
+  const int k = a.k;
+  double c[kMaxSpanInputs] = {0}, ang[kMaxSpanInputs] = {0}, cnt = 0;
+  double dot[kMaxSpanInputs], xx[kMaxSpanInputs];
+  const void* xr[kMaxSpanInputs];
+  std::vector<float> buf(DT == kF32 ? 0 : d);
+  for (int64_t r = r0; r < r1; ++r) {
+    // skip, never weight by the mask: a padded row may hold NaN/Inf, and NaN * 0 = NaN.
+    if (a.mask && !a.mask[r]) continue;
+    const void* yr = a.y + r * a.sy * es;
+    const float* yf;
+    if constexpr (DT == kF32) {
+      yf = static_cast<const float*>(yr);
+    } else {
+      int64_t i = 0;
+      for (; i + kLanes <= d; i += kLanes) {
+        const vf v = vload<DT>(yr, i);
+        memcpy(buf.data() + i, &v, sizeof v);
+      }
+      for (; i < d; ++i) buf[i] = load<DT>(yr, i);
+      yf = buf.data();
+    }
+    for (int i = 0; i < k; ++i) xr[i] = static_cast<const char*>(a.xs[i]) + r * a.sxs[i] * es;
+    double yy = 0;
+    for (int g0 = 0; g0 < k; g0 += kSpanGroup) {
+      const int g = std::min(kSpanGroup, k - g0);
+      if (g0 == 0)
+        sweep<DT, true>(g, xr, yf, d, dot, xx, &yy);
+      else
+        sweep<DT, false>(g, xr + g0, yf, d, dot + g0, xx + g0, nullptr);
+    }
+    double yy64 = 0;
+    bool have64 = false;
+    for (int i = 0; i < k; ++i) {
+      double y2 = yy;
+      // row_sums' bf16 range fallback, pair by pair: redo the pair (and |y|^2) in double lanes
+      if (DT == kBF16 && !(xx[i] >= kTiny && yy >= kTiny && xx[i] <= 1e300 && yy <= 1e300)) {
+        if (!have64) {
+          group_sums_f64<DT, 1, true>(xr + i, yf, d, dot + i, xx + i, &yy64);
+          have64 = true;
+        } else {
+          group_sums_f64<DT, 1, false>(xr + i, yf, d, dot + i, xx + i, nullptr);
+        }
+        y2 = yy64;
+      }
+      const CosRow cr = cos_from_sums(dot[i], xx[i], y2);
+      c[i] += cr.cos;
+      ang[i] += cr.ang;
+    }
+    cnt += 1.0;
+  }
+  for (int i = 0; i < k; ++i) {
+    out[3 * i + 0] = c[i];
+    out[3 * i + 1] = ang[i];
+    out[3 * i + 2] = cnt;
+  }
+}
+
+#define SLLM_SPAN_VARIANT(NAME, DT)                                                   \
+  SLLM_CLONES void NAME(const SpanArgs& a, int64_t r0, int64_t r1, double* out) {   \
+    span_block<DT>(a, r0, r1, out);                                                 \
+  }
+SLLM_SPAN_VARIANT(span_block_f32, kF32)
+SLLM_SPAN_VARIANT(span_block_bf16, kBF16)
+SLLM_SPAN_VARIANT(span_block_f16, kF16)
 
 // Products in float32 (operands widened first, never multiplied in half precision); each lane sums
 // kFlush products in float32, then flushes into double lanes (a short float32 run keeps the SIMD
@@ -282,6 +519,31 @@ void cosine_stats(const void* x, int64_t sx, const void* y, int64_t sy, int64_t 
   for (int64_t b = 0; b < nb; ++b)
     fn(xc, sx, yc, sy, b * kRowBlock, std::min(n, (b + 1) * kRowBlock), d, mask, &slots[3 * b]);
   sum_slots(slots, nb, acc);
+}
+
+void cosine_span_stats(const void* const* xs, const int64_t* sxs, int k, const void* y, int64_t sy, int64_t n,
+                       int64_t d, int dtype, const uint8_t* mask, double* acc, int64_t sacc, int nthreads) {
+  if (n <= 0 || k <= 0) return;
+  if (k > kMaxSpanInputs) {  // groups of kMaxSpanInputs (y is then read once per group)
+    for (int i0 = 0; i0 < k; i0 += kMaxSpanInputs)
+      cosine_span_stats(xs + i0, sxs + i0, std::min(kMaxSpanInputs, k - i0), y, sy, n, d, dtype, mask,
+                        acc + i0 * sacc, sacc, nthreads);
+    return;
+  }
+  auto fn = dtype == kF32 ? span_block_f32 : (dtype == kBF16 ? span_block_bf16 : span_block_f16);
+  const SpanArgs a{xs, sxs, k, static_cast<const char*>(y), sy, d, mask};
+  // the same row blocks as cosine_stats: slot (b, i) holds block b of pair i
+  const int64_t nb = (n + kRowBlock - 1) / kRowBlock;
+  std::vector<double> slots(3 * k * nb);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(nthreads)) if (nb > 1)
+  for (int64_t b = 0; b < nb; ++b) fn(a, b * kRowBlock, std::min(n, (b + 1) * kRowBlock), &slots[3 * k * b]);
+  // per pair, sum_slots' order: the blocks in order from zero, then one add into acc
+  for (int i = 0; i < k; ++i) {
+    double t[3] = {0, 0, 0};
+    for (int64_t b = 0; b < nb; ++b)
+      for (int c = 0; c < 3; ++c) t[c] += slots[3 * (k * b + i) + c];
+    for (int c = 0; c < 3; ++c) acc[i * sacc + c] += t[c];
+  }
 }
 
 void taylor_stats(const void* w, const void* g, int64_t n, int dtype, double* acc, int nthreads) {

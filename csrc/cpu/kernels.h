@@ -9,6 +9,13 @@ namespace sllm {
 void cosine_stats(const void* x, int64_t sx, const void* y, int64_t sy, int64_t n, int64_t d, int dtype,
                   const uint8_t* mask, double* acc, int nthreads);
 
+// Fused spans: for every i < k, acc[i * sacc + 0..2] += what cosine_stats(xs[i], y, ...) adds (bit-identical),
+// reading y once per row and summing |y|^2 once per row. xs[i]: [n, d] of y's dtype, row stride sxs[i]
+// elements. k > kMaxSpanInputs is processed in groups of kMaxSpanInputs.
+constexpr int kMaxSpanInputs = 16;
+void cosine_span_stats(const void* const* xs, const int64_t* sxs, int k, const void* y, int64_t sy, int64_t n,
+                       int64_t d, int dtype, const uint8_t* mask, double* acc, int64_t sacc, int nthreads);
+
 // acc[0..2] += [sum w*g, sum |w*g|, sum |w|] over n contiguous elements (g may be null).
 void taylor_stats(const void* w, const void* g, int64_t n, int dtype, double* acc, int nthreads);
 

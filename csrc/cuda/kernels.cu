@@ -45,6 +45,8 @@ __global__ void cosine_kernel(const char* x, int64_t sx, const char* y, int64_t 
   double loc[3] = {0, 0, 0};  // per-warp sums of cos, ang, count (meaningful on lane 0)
   const int64_t r0 = blockIdx.x * kRowsPerBlock;
   for (int64_t r = r0 + warp; r < r0 + kRowsPerBlock && r < n; r += kWarps) {
+    // skip, never weight by the mask: a padded row may hold NaN/Inf, and NaN * 0 = NaN.
+    // (warp-uniform: a warp owns the row, so the shuffles below stay convergent)
     if (mask && !mask[r]) continue;
     const void* xr = x + r * sx * es;
     const void* yr = y + r * sy * es;

@@ -5,7 +5,7 @@ Every op is a `torch.library.custom_op` with a fake implementation, so it works 
 torch.compile and FakeTensor. Backend selection: see `_backend`.
 """
 from ._backend import available_backends, select
-from .cosine import cosine_stats_, cosine_stats_ref
+from .cosine import cosine_span_stats_, cosine_span_stats_ref, cosine_stats_, cosine_stats_ref
 from .cross_entropy import lm_head_nll, lm_head_nll_ref
 from .taylor import taylor_stats_, taylor_stats_ref
 
@@ -14,6 +14,8 @@ __all__ = [
     "select",
     "cosine_stats_",
     "cosine_stats_ref",
+    "cosine_span_stats_",
+    "cosine_span_stats_ref",
     "taylor_stats_",
     "taylor_stats_ref",
     "lm_head_nll",

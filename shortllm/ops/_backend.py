@@ -5,15 +5,19 @@ extension; otherwise -> the PyTorch reference. `SHORTLLM_BACKEND=ref|cpu|triton|
 
 Each non-reference backend is a module `shortllm.ops._<name>_backend` exposing `IMPLS`, a dict
 op-name -> callable with the same signature as the op's reference implementation. Backends are
-imported lazily on first use so `import shortllm` never touches CUDA or compiles anything; a backend
-that fails to import warns once (naming the fix) and is skipped.
+imported lazily on first use so `import shortllm` never touches CUDA or compiles anything. A backend
+that fails to import is skipped; the first time it would have run (or SHORTLLM_BACKEND asks for it)
+a `BackendUnavailableWarning` names it, the import error and the fix — once per backend per process.
+A backend that does not apply (the CUDA backend for CPU tensors) is never imported, so never warns.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import threading
 import warnings
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -22,6 +26,9 @@ from ..errors import BackendError
 BACKENDS = ("ref", "cpu", "triton", "cuda")
 _REF: dict[str, Callable] = {}
 _loaded: dict[str, dict[str, Callable] | None] = {}
+_import_errors: dict[str, str] = {}
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
 
 _FIX = {
     "cpu": "reinstall with a C++ compiler available (`pip install .`), or set SHORTLLM_BACKEND=ref",
@@ -30,25 +37,44 @@ _FIX = {
 }
 
 
+class BackendUnavailableWarning(UserWarning):
+    """A kernel backend that would have run, or that SHORTLLM_BACKEND forces, failed to import."""
+
+
 def register_ref(op: str, fn: Callable) -> None:
     _REF[op] = fn
 
 
 def _load(name: str) -> dict[str, Callable] | None:
+    # silent: available_backends() probes every backend, and a probe is not a use (see _warn_unavailable)
     if name not in _loaded:
         try:
             mod = importlib.import_module(f"shortllm.ops._{name}_backend")
             _loaded[name] = dict(mod.IMPLS)
-        except Exception as exc:  # an optional backend must never break import
+        except Exception as exc:  # an optional backend must never break import, whatever it raises
             _loaded[name] = None
-            if os.environ.get("SHORTLLM_BACKEND") == name or name == "cpu":
-                warnings.warn(
-                    f"shortllm: the '{name}' kernel backend is unavailable ({exc}); "
-                    f"falling back to the PyTorch reference. Fix: {_FIX[name]}.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            _import_errors[name] = f"{type(exc).__name__}: {exc}"
     return _loaded[name]
+
+
+def _warn_unavailable(name: str, forced: bool) -> None:
+    with _warn_lock:
+        if name in _warned:
+            return
+        _warned.add(name)
+    then = ("SHORTLLM_BACKEND forces it, so the op raises BackendError" if forced
+            else "the next backend (ultimately the PyTorch reference) runs instead")
+    warnings.warn(
+        f"shortllm: the '{name}' kernel backend failed to import ({_import_errors.get(name, 'unknown error')}); "
+        f"{then}. Fix: {_FIX[name]}.",
+        BackendUnavailableWarning,
+        stacklevel=3,  # the op that asked select() for the backend
+    )
+
+
+def import_error(name: str) -> str | None:
+    """Why backend `name` failed to import (None if it imported or was never tried)."""
+    return _import_errors.get(name)
 
 
 def forced_backend() -> str | None:
@@ -80,18 +106,30 @@ def select(op: str, device: torch.device) -> tuple[str, Callable]:
         if name == "ref":
             return "ref", _REF[op]
         impls = _load(name)
-        if impls is not None and op in impls:
+        if impls is None:
+            _warn_unavailable(name, forced is not None)
+        elif op in impls:
             supports = impls.get(f"{op}:supports")
             if supports is None or supports(device):
                 return name, impls[op]
         if forced is not None:
+            why = f" (import failed: {_import_errors[name]})" if impls is None else ""
             raise BackendError(
-                f"SHORTLLM_BACKEND={forced} but that backend cannot run '{op}' on {device}; "
+                f"SHORTLLM_BACKEND={forced} but that backend cannot run '{op}' on {device}{why}; "
                 f"fix: {_FIX.get(forced, 'unset SHORTLLM_BACKEND')}."
             )
     return "ref", _REF[op]
 
 
+def device_guard(device: torch.device) -> ContextManager:
+    """Make `device` current around a kernel launch. Triton and the CUDA extension launch on the current
+    device's stream, which need not be the one holding the inputs (multi-GPU, device_map="auto")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def available_backends() -> dict[str, bool]:
-    """Which backends import on this machine (does not initialise CUDA)."""
+    """Which backends import on this machine (does not initialise CUDA; never warns)."""
     return {"ref": True, **{b: _load(b) is not None for b in BACKENDS if b != "ref"}}

@@ -55,6 +55,30 @@ def cosine_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], acc: Tensor) -> N
         acc.add_(out)
 
 
+def cosine_span_stats(xs: list[Tensor], y: Tensor, mask: Optional[Tensor], acc: Tensor) -> None:
+    """One fused pass: each row of y is read once and its |y|^2 summed once for all k inputs (k <= 16 per
+    pass; csrc groups more). Bit-identical to k `cosine_stats` calls: same lanes, blocks and slot order."""
+    if not _cpu_ok(y, *xs) or any(x.dtype != y.dtype for x in xs) or acc.device.type != "cpu":
+        return _ref("cosine_span_stats")(xs, y, mask, acc)
+    k = len(xs)
+    if k == 0:
+        return
+    if y.stride(-1) != 1 and y.shape[-1] > 1:
+        y = y.contiguous()
+    xs = [x.contiguous() if x.stride(-1) != 1 and x.shape[-1] > 1 else x for x in xs]
+    if mask is not None:
+        mask = mask.reshape(-1).to(torch.bool).contiguous()
+    # a [k, 3] view with contiguous rows (e.g. a diagonal of the scorer's accumulator) is written in place
+    out = acc if acc.stride(-1) == 1 else torch.zeros(k, 3, dtype=torch.float64)
+    table = torch.tensor([x.data_ptr() for x in xs] + [x.stride(0) for x in xs], dtype=torch.int64)
+    n, d = y.shape
+    _cpu.cosine_span_stats(table.data_ptr(), k, y.data_ptr(), y.stride(0), n, d, DTYPE_CODES[y.dtype],
+                           0 if mask is None else mask.data_ptr(), out.data_ptr(), out.stride(0),
+                           _threads((k + 1) * n * d * y.element_size()))
+    if out is not acc:
+        acc.add_(out)
+
+
 def taylor_stats(w: Tensor, g: Optional[Tensor], acc: Tensor) -> None:
     if not _cpu_ok(w, g) or acc.device.type != "cpu":
         return _ref("taylor_stats")(w, g, acc)
@@ -115,6 +139,8 @@ def _on_cpu(device: torch.device) -> bool:
 IMPLS: dict[str, Callable] = {
     "cosine_stats": cosine_stats,
     "cosine_stats:supports": _on_cpu,
+    "cosine_span_stats": cosine_span_stats,
+    "cosine_span_stats:supports": _on_cpu,
     "taylor_stats": taylor_stats,
     "taylor_stats:supports": _on_cpu,
     "lm_head_nll_fwd": lm_head_nll_fwd,

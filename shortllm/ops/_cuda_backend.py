@@ -1,6 +1,10 @@
 """CUDA backend: the `shortllm._cuda` extension (csrc/cuda), called with raw device pointers and the
 current stream's handle. Never initialises CUDA at import; used only for CUDA tensors (by default the
-Triton backend comes first; SHORTLLM_BACKEND=cuda selects this one)."""
+Triton backend comes first; SHORTLLM_BACKEND=cuda selects this one).
+
+The kernels launch on the current device, so every call runs under `device_guard(input.device)` with that
+device's stream. An accumulator on another device (another GPU, or the CPU) gets the result through a
+scratch on the inputs' device: a kernel never writes through a pointer of a different device."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -24,37 +28,54 @@ def _stream(device: torch.device) -> int:
     return int(torch.cuda.current_stream(device).cuda_stream)
 
 
+def _out_for(acc: Tensor, device: torch.device) -> Tensor:
+    """Where the kernel may add its sums: `acc` itself, or a zeroed scratch on the inputs' device."""
+    if acc.is_contiguous() and acc.device == device:
+        return acc
+    return torch.zeros(3, dtype=torch.float64, device=device)
+
+
 def cosine_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], acc: Tensor) -> None:
-    if not _ok(x, y) or x.dtype != y.dtype or acc.device.type != "cuda":
+    if not _ok(x, y) or x.dtype != y.dtype:
         return _backend._REF["cosine_stats"](x, y, mask, acc)
     if x.stride(-1) != 1 and x.shape[-1] > 1:
         x = x.contiguous()
     if y.stride(-1) != 1 and y.shape[-1] > 1:
         y = y.contiguous()
     if mask is not None:
-        mask = mask.reshape(-1).to(torch.bool).contiguous()
+        mask = mask.reshape(-1).to(device=x.device, dtype=torch.bool).contiguous()
     n, d = x.shape
-    out = acc if acc.is_contiguous() else torch.zeros(3, dtype=torch.float64, device=acc.device)
+    out = _out_for(acc, x.device)
     part = torch.empty(3 * max(1, _cuda.cosine_slots(n)), dtype=torch.float64, device=x.device)
-    _cuda.cosine_stats(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), n, d, DTYPE_CODES[x.dtype],
-                       0 if mask is None else mask.data_ptr(), out.data_ptr(), part.data_ptr(), _stream(x.device))
+    with _backend.device_guard(x.device):
+        _cuda.cosine_stats(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), n, d, DTYPE_CODES[x.dtype],
+                           0 if mask is None else mask.data_ptr(), out.data_ptr(), part.data_ptr(),
+                           _stream(x.device))
     if out is not acc:
-        acc.add_(out)
+        acc.add_(out.to(acc.device))
+
+
+def cosine_span_stats(xs: list[Tensor], y: Tensor, mask: Optional[Tensor], acc: Tensor) -> None:
+    # Not fused: one cosine_stats launch pair per x (y is re-read k times; on a GPU the launches are
+    # asynchronous and y mostly stays in L2). Same sums as k cosine_stats calls.
+    for i, x in enumerate(xs):
+        cosine_stats(x, y, mask, acc[i])
 
 
 def taylor_stats(w: Tensor, g: Optional[Tensor], acc: Tensor) -> None:
-    if not _ok(w, g) or acc.device.type != "cuda":
+    if not _ok(w, g):
         return _backend._REF["taylor_stats"](w, g, acc)
     if g is not None and g.dtype != w.dtype:
         w, g = w.float(), g.float()
     w = w.detach().contiguous()
     g = None if g is None else g.detach().contiguous()
-    out = acc if acc.is_contiguous() else torch.zeros(3, dtype=torch.float64, device=acc.device)
+    out = _out_for(acc, w.device)
     part = torch.empty(3 * max(1, _cuda.taylor_slots(w.numel())), dtype=torch.float64, device=w.device)
-    _cuda.taylor_stats(w.data_ptr(), 0 if g is None else g.data_ptr(), w.numel(), DTYPE_CODES[w.dtype],
-                       out.data_ptr(), part.data_ptr(), _stream(w.device))
+    with _backend.device_guard(w.device):
+        _cuda.taylor_stats(w.data_ptr(), 0 if g is None else g.data_ptr(), w.numel(), DTYPE_CODES[w.dtype],
+                           out.data_ptr(), part.data_ptr(), _stream(w.device))
     if out is not acc:
-        acc.add_(out)
+        acc.add_(out.to(acc.device))
 
 
 def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, softcap: float,
@@ -65,7 +86,7 @@ def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
         return _backend._REF["lm_head_nll_fwd"](h, weight, bias, targets, softcap, scale, ignore_index, chunk_rows)
     n, v = h.shape[0], weight.shape[0]
     dev, st = h.device, _stream(h.device)
-    with torch.no_grad():
+    with torch.no_grad(), _backend.device_guard(dev):
         hf = h.detach().float().contiguous()
         tg = targets.to(torch.long).contiguous()
         m = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
@@ -96,6 +117,8 @@ def _on_cuda(device: torch.device) -> bool:
 IMPLS: dict[str, Callable] = {
     "cosine_stats": cosine_stats,
     "cosine_stats:supports": _on_cuda,
+    "cosine_span_stats": cosine_span_stats,
+    "cosine_span_stats:supports": _on_cuda,
     "taylor_stats": taylor_stats,
     "taylor_stats:supports": _on_cuda,
     "lm_head_nll_fwd": lm_head_nll_fwd,

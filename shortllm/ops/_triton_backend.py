@@ -2,7 +2,8 @@
 
 Runs on CUDA tensors, and on CPU tensors only under TRITON_INTERPRET=1 (how the tests check the
 kernels without a GPU). Per-program partial sums go to a small float64 buffer summed by torch:
-deterministic and free of host syncs.
+deterministic and free of host syncs. Every launch runs on its input's device (`device_guard`), not on
+whichever device is current.
 """
 from __future__ import annotations
 
@@ -55,10 +56,19 @@ def cosine_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], acc: Tensor) -> N
         block_n = 4
     grid = triton.cdiv(n, block_n)
     part = torch.empty(grid * 3, dtype=torch.float64, device=x.device)
-    m = mask.reshape(-1).to(torch.bool).contiguous().view(torch.uint8) if mask is not None else part
-    _jit.jit(_red.cosine_kernel)[(grid,)](x, y, m, part, n, d, x.stride(0), y.stride(0), HAS_MASK=mask is not None,
-                                          BLOCK_N=block_n, BLOCK_D=block_d)
-    acc.add_(part.view(grid, 3).sum(0))
+    m = mask.reshape(-1).to(device=x.device, dtype=torch.bool).contiguous().view(torch.uint8) if mask is not None \
+        else part
+    with _backend.device_guard(x.device):
+        _jit.jit(_red.cosine_kernel)[(grid,)](x, y, m, part, n, d, x.stride(0), y.stride(0),
+                                              HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_D=block_d)
+    acc.add_(part.view(grid, 3).sum(0).to(acc.device))
+
+
+def cosine_span_stats(xs: list[Tensor], y: Tensor, mask: Optional[Tensor], acc: Tensor) -> None:
+    # Not fused: one cosine_kernel launch per x (y is re-read k times). Correct and deterministic, same
+    # sums as k cosine_stats calls; a fused kernel would take a pointer table (not needed on CPU scoring).
+    for i, x in enumerate(xs):
+        cosine_stats(x, y, mask, acc[i])
 
 
 def taylor_stats(w: Tensor, g: Optional[Tensor], acc: Tensor) -> None:
@@ -77,9 +87,10 @@ def taylor_stats(w: Tensor, g: Optional[Tensor], acc: Tensor) -> None:
         block, iters = 1024, 16
     grid = triton.cdiv(n, block * iters)
     part = torch.empty(grid * 3, dtype=torch.float64, device=w.device)
-    _jit.jit(_red.taylor_kernel)[(grid,)](w, g if g is not None else w, part, n, HAS_G=g is not None,
-                                          BLOCK=block, ITERS=iters)
-    acc.add_(part.view(grid, 3).sum(0))
+    with _backend.device_guard(w.device):
+        _jit.jit(_red.taylor_kernel)[(grid,)](w, g if g is not None else w, part, n, HAS_G=g is not None,
+                                              BLOCK=block, ITERS=iters)
+    acc.add_(part.view(grid, 3).sum(0).to(acc.device))
 
 
 def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, softcap: float,
@@ -100,12 +111,13 @@ def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
     else:
         bm, bv, bk = 64, 128, 64
     grid = triton.cdiv(n, bm)
-    _jit.jit(_ce.lm_head_nll_kernel)[(grid,)](
-        h, weight, bias if bias is not None else weight, targets.to(torch.long).contiguous(), nll, lse, n, v, d,
-        h.stride(0), weight.stride(0), float(scale), float(softcap or 1.0), int(ignore_index),
-        HAS_BIAS=bias is not None, SOFTCAP=bool(softcap and softcap > 0),
-        DOT_F32=interp or h.dtype == torch.float32 or h.dtype != weight.dtype,
-        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
+    with _backend.device_guard(h.device):
+        _jit.jit(_ce.lm_head_nll_kernel)[(grid,)](
+            h, weight, bias if bias is not None else weight, targets.to(torch.long).contiguous(), nll, lse, n, v, d,
+            h.stride(0), weight.stride(0), float(scale), float(softcap or 1.0), int(ignore_index),
+            HAS_BIAS=bias is not None, SOFTCAP=bool(softcap and softcap > 0),
+            DOT_F32=interp or h.dtype == torch.float32 or h.dtype != weight.dtype,
+            BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
     return nll, lse
 
 
@@ -117,6 +129,8 @@ def _supports(device: torch.device) -> bool:
 IMPLS: dict[str, Callable] = {
     "cosine_stats": cosine_stats,
     "cosine_stats:supports": _supports,
+    "cosine_span_stats": cosine_span_stats,
+    "cosine_span_stats:supports": _supports,
     "taylor_stats": taylor_stats,
     "taylor_stats:supports": _supports,
     "lm_head_nll_fwd": lm_head_nll_fwd,

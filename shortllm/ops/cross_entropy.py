@@ -4,6 +4,7 @@ Definition (the `_ref` below is the oracle):
     z      = (h @ W^T + b) * scale
     logits = softcap * tanh(z / softcap)          (only when softcap > 0: Gemma-2/3)
     nll_n  = logsumexp(logits_n) - logits_n[t_n]   (0 where t_n == ignore_index)
+An ignored row (padding) contributes nothing to the NLL or to any gradient, even when it holds NaN/Inf.
 The op processes rows in chunks of `chunk_rows` (auto: about 64 MB of float32 logits per chunk),
 keeps only the per-row log-sum-exp for backward and recomputes each chunk's logits there, so peak
 memory is one chunk, not N x V. Differentiable w.r.t. `h` (and `W`/`b` when they require grad).
@@ -30,13 +31,16 @@ def lm_head_nll_ref(
     ignore_index: int = -100,
 ) -> Tensor:
     """float64 reference over full logits: per-row NLL [N] (0 for ignored rows)."""
-    z = h.to(torch.float64) @ weight.to(torch.float64).T
+    valid = targets != ignore_index
+    # an ignored row (padding) never reaches a result, NaN/Inf included: it is selected away before the
+    # matmul, because torch.where after it would still send 0 * NaN = NaN into the gradients of W and b
+    hd = torch.where(valid[:, None], h.to(torch.float64), 0.0)
+    z = hd @ weight.to(torch.float64).T
     if bias is not None:
         z = z + bias.to(torch.float64)
     z = z * scale
     if softcap and softcap > 0:
         z = softcap * torch.tanh(z / softcap)
-    valid = targets != ignore_index
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))
     nll = torch.logsumexp(z, -1) - z.gather(-1, safe_t[:, None])[:, 0]
     return torch.where(valid, nll, torch.zeros_like(nll))
@@ -96,18 +100,21 @@ def _nll_bwd_torch(grad_nll, h, weight, bias, targets, lse, softcap, scale, igno
         logits, t = _chunk_logits(h[s:e], weight, bias, softcap, scale)
         tg = targets[s:e]
         valid = tg != ignore_index
-        go = torch.where(valid, grad_nll[s:e].to(lse.dtype), torch.zeros_like(lse[s:e]))
         d = torch.exp(logits - lse[s:e, None])  # softmax
         d.scatter_add_(-1, torch.where(valid, tg, torch.zeros_like(tg))[:, None], -valid.to(d.dtype)[:, None])
-        d.mul_(go[:, None])
+        d.mul_(grad_nll[s:e].to(d.dtype)[:, None])
         if t is not None:
             d.mul_(1.0 - t * t)
         if scale != 1.0:
             d.mul_(scale)
+        # ignored rows are dropped by selection, not by a zero gradient: their hidden states (padding) may be
+        # NaN/Inf, and NaN * 0 = NaN would reach grad W / grad b through the matmuls below
+        d.masked_fill_(~valid[:, None], 0.0)
         if need_h:
             gh[s:e] = (d.to(weight.dtype) @ weight).to(h.dtype)
         if need_w:
-            gw.addmm_(d.T.to(gw.dtype), h[s:e].to(gw.dtype))
+            hv = torch.where(valid[:, None], h[s:e].to(gw.dtype), 0.0)  # same reason: 0 * NaN in the matmul
+            gw.addmm_(d.T.to(gw.dtype), hv)
         if need_b:
             gb.add_(d.sum(0))
     return gh, (None if gw is None else gw.to(weight.dtype)), (None if gb is None else gb.to(bias.dtype))

@@ -1,0 +1,1 @@
+"""The `shortllm` command line (argparse only). Nothing in the library imports this package."""

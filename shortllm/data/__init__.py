@@ -1,0 +1,1 @@
+"""Data stage: corpora, calibration loaders, zero-shot task files."""

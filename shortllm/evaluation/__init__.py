@@ -1,0 +1,1 @@
+"""Evaluation stage: corpus perplexity, zero-shot accuracy, report tables."""

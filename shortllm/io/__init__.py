@@ -1,0 +1,1 @@
+"""I/O: atomic writes and publishing, safetensors checkpoint files, the version stamp."""

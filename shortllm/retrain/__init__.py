@@ -1,0 +1,1 @@
+"""Retraining stage: training loop, configuration, data, checkpoints."""

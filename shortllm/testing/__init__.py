@@ -1,0 +1,1 @@
+"""The anchors' reference implementations, used as test oracles."""

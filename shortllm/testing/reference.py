@@ -1,0 +1,143 @@
+"""Straightforward implementations the way the anchors compute the metrics, used as test oracles.
+
+They store what `score_fast` never stores (every hidden state, every full gradient plus salience
+copies) and are written for clarity, not speed. Two deliberate corrections of the anchors, both SPEC §2:
+the last block is scored on its raw output (HF's `hidden_states[-1]` is final-normed, so it is taken
+from a hook instead), and padding tokens never count.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from shortllm.model.adapters import get_adapter
+from shortllm.model.hooks import block_output
+
+
+def _hidden_states(model: nn.Module, batch: dict) -> list[Tensor]:
+    """h_0 .. h_L in float64: HF's output_hidden_states for the inputs, a hook for the raw last output."""
+    adapter = get_adapter(model)
+    last: list[Tensor] = []
+    handle = adapter.blocks()[-1].register_forward_hook(lambda m, a, o: last.append(block_output(o)))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=True, use_cache=False)
+    finally:
+        handle.remove()
+    hs = list(out.hidden_states[: adapter.num_layers]) + [last[0]]
+    return [h.to(torch.float64) for h in hs]
+
+
+def _cos(a: Tensor, b: Tensor) -> Tensor:
+    dot = (a * b).sum(-1)
+    den = a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(den == 0, torch.ones_like(dot), dot / torch.where(den == 0, 1.0, den)).clamp(-1, 1)
+
+
+def bi_angular_reference(model: nn.Module, data: Iterable[dict], n_max: int,
+                         angular_tokens: str = "all") -> dict[str, Tensor]:
+    """ShortGPT BI [L] and Gromov angular distance [n_max, L] from full hidden-state lists."""
+    L = get_adapter(model).num_layers
+    cos_sum = torch.zeros(L, dtype=torch.float64)
+    n_all = 0.0
+    ang_sum = torch.zeros(n_max, L, dtype=torch.float64)
+    n_ang = 0.0
+    for batch in data:
+        mask = batch["attention_mask"].bool()
+        hs = _hidden_states(model, batch)
+        if angular_tokens == "last":
+            last_idx = mask.long().cumsum(1).argmax(1)
+            sel = torch.zeros_like(mask)
+            sel[torch.arange(mask.shape[0]), last_idx] = True
+        else:
+            sel = mask
+        n_all += float(mask.sum())
+        n_ang += float(sel.sum())
+        for i in range(L):
+            cos_sum[i] += _cos(hs[i], hs[i + 1])[mask].sum()
+            for n in range(1, n_max + 1):
+                if i + n <= L:
+                    ang_sum[n - 1, i] += (torch.arccos(_cos(hs[i], hs[i + n])) / math.pi)[sel].sum()
+    ang = ang_sum / n_ang
+    for n in range(1, n_max + 1):
+        ang[n - 1, L - n + 1:] = float("nan")
+    return {"bi": 1.0 - cos_sum / n_all, "angular": ang}
+
+
+def _block_weight_names(model: nn.Module) -> dict[str, int]:
+    adapter = get_adapter(model)
+    ids = {}
+    for i, blk in enumerate(adapter.blocks()):
+        for _, p in adapter.block_weights(blk):
+            ids[id(p)] = i
+    return {name: ids[id(p)] for name, p in model.named_parameters() if id(p) in ids}
+
+
+def taylor_reference(model: nn.Module, data: Iterable[dict], mode: str = "exact") -> Tensor:
+    """Seed-000 style: full gradients of every parameter, fp32/64 salience copies W*G summed over batches,
+    then per block sum of |salience| (exact) — or sum over batches of |W*G_b| (streaming)."""
+    adapter = get_adapter(model)
+    names = _block_weight_names(model)
+    params = dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    salience: dict[str, Tensor] = {}
+    streaming = torch.zeros(adapter.num_layers, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        for batch in data:
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            # the loss in the logits' own dtype: HF's `labels=` path downcasts float64 logits to float32
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     labels[:, 1:].reshape(-1), ignore_index=-100)
+            loss.backward()
+            for n, i in names.items():
+                p = params[n]
+                s = p.detach().to(torch.float64) * p.grad.to(torch.float64)
+                salience[n] = salience[n] + s if n in salience else s
+                streaming[i] += s.abs().sum()
+        model.zero_grad(set_to_none=True)
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    if mode == "streaming":
+        return streaming
+    exact = torch.zeros(adapter.num_layers, dtype=torch.float64)
+    for n, i in names.items():
+        exact[i] += salience[n].abs().sum()
+    return exact
+
+
+def mag_reference(model: nn.Module) -> Tensor:
+    names = _block_weight_names(model)
+    out = torch.zeros(get_adapter(model).num_layers, dtype=torch.float64)
+    for n, p in model.named_parameters():
+        if n in names:
+            out[names[n]] += p.detach().to(torch.float64).abs().sum()
+    return out
+
+
+def score_reference(model: nn.Module, data: Iterable[dict], metrics=("bi", "angular", "taylor", "mag"),
+                    n_max: Optional[int] = None, angular_tokens: str = "all",
+                    taylor_mode: str = "exact") -> dict[str, Tensor]:
+    data = list(data)
+    L = get_adapter(model).num_layers
+    n_max = n_max or max(1, min(8, L - 1))
+    out: dict[str, Tensor] = {}
+    if "bi" in metrics or "angular" in metrics:
+        ba = bi_angular_reference(model, data, n_max, angular_tokens)
+        out.update({k: v for k, v in ba.items() if k in metrics})
+    if "taylor" in metrics:
+        out["taylor"] = taylor_reference(model, data, taylor_mode)
+    if "mag" in metrics:
+        out["mag"] = mag_reference(model)
+    return out
