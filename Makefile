@@ -51,5 +51,12 @@ constraints: venv
 bench: venv
 	$(BIN)/pytest -q benchmarks --benchmark-only
 
+# GPU acceptance check (docs/gpu.md). Here (CI, no GPU) it runs its CPU mode at tiny size and writes
+# benchmarks/results/gpu_cpu_mode.{json,md}; on a GPU machine without ./.venv run
+# `python benchmarks/gpu_check.py --install` with that machine's own python instead.
+.PHONY: gpu-check
+gpu-check: venv
+	$(BIN)/python benchmarks/gpu_check.py
+
 clean:
 	rm -rf $(VENV) $(LATEST) build *.egg-info demo_out

@@ -163,6 +163,10 @@ def test_block_call_convention(arch):
         assert not _caches_in(args, kwargs), (
             f"{arch}: block {i} got a KV cache under use_cache=False ({_caches_in(args, kwargs)}); "
             f"shortllm.model.replay captures calls that way and replays them many times")
+        if arch in FUSABLE:
+            assert "attention_mask" in kwargs and "position_embeddings" in kwargs, (
+                f"{arch}: block {i} no longer gets attention_mask= and position_embeddings= from the base model; "
+                "shortllm.model.replay replays each block with its captured mask (per attention type) and rotary")
         ins.append(block_input(args, kwargs))
         outs.append(block_output(out))
         assert ins[-1].shape == (2, 9, model.config.hidden_size), f"{arch}: block {i} input shape; {who}"

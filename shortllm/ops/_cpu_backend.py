@@ -57,7 +57,8 @@ def cosine_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], acc: Tensor) -> N
 
 def cosine_span_stats(xs: list[Tensor], y: Tensor, mask: Optional[Tensor], acc: Tensor) -> None:
     """One fused pass: each row of y is read once and its |y|^2 summed once for all k inputs (k <= 16 per
-    pass; csrc groups more). Bit-identical to k `cosine_stats` calls: same lanes, blocks and slot order."""
+    pass; csrc groups more). Bit-identical to k `cosine_stats` calls: same lanes, blocks and slot order.
+    Threads: `_threads` of the bytes this one call reads, (k + 1) * N * D * itemsize."""
     if not _cpu_ok(y, *xs) or any(x.dtype != y.dtype for x in xs) or acc.device.type != "cpu":
         return _ref("cosine_span_stats")(xs, y, mask, acc)
     k = len(xs)

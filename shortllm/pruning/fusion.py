@@ -300,5 +300,5 @@ def load_fused(directory: str | os.PathLike, dtype: Optional[torch.dtype] = None
     return model.to(device=device, dtype=dtype).eval()
 
 
-__all__ = ["fuse", "load_fused", "save_fused", "dropped_branches", "FusedAttention", "FusedMLP", "TOLERANCE", "CACHE_KWARGS",
-           "take_cache"]
+__all__ = ["fuse", "load_fused", "save_fused", "dropped_branches", "FusedAttention", "FusedMLP", "TOLERANCE",
+           "CACHE_KWARGS", "take_cache"]

@@ -6,7 +6,7 @@ out-of-core scorer and resumable checkpoints can all drive the same collectors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -62,3 +62,15 @@ def batch_context(index: int, batch: dict, model: nn.Module, device: torch.devic
     last = (pos == last_idx) & m
     return BatchContext(index=index, input_ids=ids, attention_mask=mask, valid=valid, last=last.reshape(-1),
                         n_valid=n_valid)
+
+
+def next_token_targets(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """[B, T-1] targets of the next-token loss, -100 where a prediction does not count: a prediction counts
+    iff both the token it is made from and the token it predicts are valid. With right padding this is Hugging
+    Face's `labels` with -100 on padding; with left padding it also drops the prediction made from the last
+    pad position (a padded row's hidden state is not a token's: it may even be NaN)."""
+    targets = input_ids[:, 1:]
+    if attention_mask is None:
+        return targets
+    both = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)
+    return targets.masked_fill(~both, -100)

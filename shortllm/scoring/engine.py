@@ -20,7 +20,7 @@ from shortllm.model.adapters import Adapter, get_adapter, model_device
 from shortllm.model.hooks import block_io_hooks, checkpointed_blocks
 from shortllm.ops import lm_head_nll
 from shortllm.scoring.collectors import Collector, CosineCollector, MagCollector, TaylorCollector
-from shortllm.scoring.context import BatchContext, RunContext, batch_context
+from shortllm.scoring.context import BatchContext, RunContext, batch_context, next_token_targets
 
 METRICS = ("bi", "angular", "taylor", "mag", "ppl")
 DEFAULT_METRICS = ("bi", "angular", "taylor", "mag")
@@ -38,11 +38,11 @@ def parse_metrics(metrics: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def batch_loss(adapter: Adapter, head_in: Tensor, ctx: BatchContext) -> Tensor:
-    """Mean token cross-entropy of one batch (labels = input_ids, padding ignored) from the LM head's input
-    [B, T, D], through the chunked head: the [N, V] logits never exist."""
+    """Mean token cross-entropy of one batch (labels = input_ids, padding ignored: `next_token_targets`) from
+    the LM head's input [B, T, D], through the chunked head: the [N, V] logits never exist."""
     head = adapter.head_params()
     h = head_in[:, :-1].reshape(-1, head_in.shape[-1])
-    targets = ctx.input_ids[:, 1:].masked_fill(ctx.attention_mask[:, 1:] == 0, -100).reshape(-1)
+    targets = next_token_targets(ctx.input_ids, ctx.attention_mask).reshape(-1)
     n = int((targets != -100).sum())
     if n == 0:
         raise EmptyLoaderError(f"batch {ctx.index}: no position has a next token to predict (sequences of "

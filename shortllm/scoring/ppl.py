@@ -6,8 +6,9 @@ i the collector runs only the suffix i+1..L-1 from h_i (each block with its own 
 evaluations plus L heads per batch instead of L(L-1) + L, with at most a few hidden states alive.
 Equal to physically deleting block i (layer list and per-layer config rewritten) to float tolerance.
 
-Tokens: labels = input_ids shifted by one, a position counts iff its target's attention_mask is 1
-(the engine's Taylor loss and Hugging Face's `labels` with -100 on padding count the same tokens).
+Tokens: labels = input_ids shifted by one; a prediction counts iff both the token it is made from and
+the token it predicts have attention_mask 1 (`context.next_token_targets`, shared with the engine's
+Taylor loss; with right padding it is Hugging Face's `labels` with -100 on padding).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from shortllm.model.replay import BlockCall, capture_calls, layers_removed, run_
 from shortllm.ops import lm_head_nll
 from shortllm.ops.cross_entropy import lm_head_nll_ref
 from shortllm.scoring.collectors import Collector, DeviceSums
-from shortllm.scoring.context import BatchContext, RunContext
+from shortllm.scoring.context import BatchContext, RunContext, next_token_targets
 
 _F64_ROWS = 256  # row chunk of the float64 head (only used for float64 models)
 _CHUNK_ELEMS = 1 << 24  # float32 logits per row chunk of the "torch" head: 64 MB
@@ -40,7 +41,7 @@ HEAD_IMPLS = ("auto", "op", "torch")
 class HeadLoss:
     """Token NLL of one batch's final residual stream through final norm + LM head (chunked, no [N, V] logits).
 
-    Only the rows whose next token is valid go through the norm and the head (norms are per token).
+    Only the rows whose prediction counts (`next_token_targets`) go through the norm and the head.
     """
 
     def __init__(self, adapter: Adapter, input_ids: Tensor, attention_mask: Optional[Tensor], impl: str = "auto"):
@@ -49,10 +50,9 @@ class HeadLoss:
             raise MetricError(f"ppl head implementation must be one of {HEAD_IMPLS}, got {impl!r}")
         self.adapter, self.impl = adapter, impl
         self.head = adapter.head_params()
-        targets = input_ids[:, 1:]
-        valid = torch.ones_like(targets, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:] != 0
-        self.rows = valid.reshape(-1).nonzero()[:, 0]
-        self.targets = targets.reshape(-1)[self.rows]
+        targets = next_token_targets(input_ids, attention_mask).reshape(-1)
+        self.rows = (targets != -100).nonzero()[:, 0]
+        self.targets = targets[self.rows]
         self.n_tokens = int(self.rows.numel())
         # rows / targets copied once per device the last block or the head lives on (device_map)
         self._moved: dict[tuple[str, torch.device], Tensor] = {}
@@ -207,8 +207,8 @@ def mean_nll_full(model: nn.Module, data: Iterable[dict], float64: bool = True) 
             ids, mask = batch["input_ids"], batch.get("attention_mask")
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             targets = ids[:, 1:]
-            if mask is not None:
-                targets = targets.masked_fill(mask[:, 1:] == 0, -100)
+            if mask is not None:  # written out, not `next_token_targets`: this is the oracle
+                targets = targets.masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
             z = logits[:, :-1].reshape(-1, logits.shape[-1])
             z = z.double() if float64 else z
             total += float(torch.nn.functional.cross_entropy(z, targets.reshape(-1), ignore_index=-100,

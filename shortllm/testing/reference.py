@@ -92,7 +92,10 @@ def taylor_reference(model: nn.Module, data: Iterable[dict], mode: str = "exact"
         for p in params.values():
             p.requires_grad_(True)
         for batch in data:
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            # a prediction counts iff the token it is made from and the one it predicts are both valid
+            am = batch["attention_mask"]
+            labels = batch["input_ids"].masked_fill(am == 0, -100)
+            labels[:, 1:] = labels[:, 1:].masked_fill(am[:, :-1] == 0, -100)
             model.zero_grad(set_to_none=True)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             # the loss in the logits' own dtype: HF's `labels=` path downcasts float64 logits to float32
