@@ -372,6 +372,39 @@ def cosine_case(dev, backend, n, d, dtype, mask_kind, noncontig, seed, plant=Fal
     return f"err {err:.2g}"
 
 
+def span_case(dev, backend, k, n, d, dtype, seed, mask_kind="some") -> str:
+    """cosine_span_stats_ (every span ending at one block output in one call) into an anti-diagonal view of a
+    bigger accumulator, as the scorer passes it: each row must get its pair's sums, nothing else may change."""
+    import torch
+
+    from shortllm.ops import cosine_span_stats_, cosine_stats_ref
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, d, generator=g)
+    xs = [(0.3 * (i + 1) * y + torch.randn(n, d, generator=g)).to(dtype) for i in range(k)]
+    y = y.to(dtype)
+    mask = _mask(mask_kind, n, seed)
+    big = torch.randn(k, k + 2, 3, dtype=torch.float64, generator=g)
+    s0, s1, s2 = big.stride()
+    view = lambda t: t.as_strided((k, 3), (s0 - s1, s2), t.storage_offset() + (k - 1) * s1)  # noqa: E731
+    want = big.clone()
+    view(want).add_(torch.stack([cosine_stats_ref(x, y, mask) for x in xs]))
+    acc = big.to(dev)
+    with forced_backend(backend), poisoned_empty():
+        cosine_span_stats_([x.to(dev) for x in xs], y.to(dev), None if mask is None else mask.to(dev), view(acc))
+    got = acc.cpu()
+    off = torch.ones_like(big, dtype=torch.bool)
+    view(off).fill_(False)
+    if not torch.equal(got[off], big[off]):
+        raise AssertionError("an accumulator entry outside the span rows changed")
+    count = int(want[0, k - 1, 2] - big[0, k - 1, 2])
+    tol = COS_ROW_TOL[backend][str(dtype)[6:]] * max(1, count) + 1e-12
+    err = (view(got) - view(want)).abs().max().item()
+    if not torch.equal(view(got)[:, 2], view(want)[:, 2]) or err > tol:
+        raise AssertionError(f"|err| {err:.3g} > tol {tol:.3g} (or a count differs)")
+    return f"err {err:.2g}"
+
+
 def cosine_nan_propagates(dev, backend) -> str:
     """The other half of the padding contract: a NaN in a row that counts must reach the sums."""
     import torch
@@ -477,6 +510,7 @@ def ce_case(dev, backend, n, v, d, dtype, seed, bias=False, softcap=0.0, scale=1
 def section_ops(ctx) -> dict:
     import torch
 
+    from shortllm import ops as _ops
     from shortllm.ops import _backend
 
     dev, gpu = ctx["device"], ctx["gpu"]
@@ -519,6 +553,11 @@ def section_ops(ctx) -> dict:
             checks.run(f"{backend} cosine NaN/Inf in padded rows {n}x{d} {str(dt)[6:]}", cosine_case, dev, backend,
                        n, d, dt, "some", True, seed=77, plant=True)
         checks.run(f"{backend} cosine NaN in a valid row propagates", cosine_nan_propagates, dev, backend)
+        if hasattr(_ops, "cosine_span_stats_"):
+            for k, (n, d) in zip((1, 3, 8), cos_shapes[-3:]):
+                for dt in (F32, BF16, F16):
+                    checks.run(f"{backend} cosine spans k={k} {n}x{d} {str(dt)[6:]}", span_case, dev, backend, k, n,
+                               d, dt, seed=k + n, mask_kind=("some", "none", "all")[k % 3])
         if gpu:  # the kernels must not write through a pointer of another device
             checks.run(f"{backend} cosine, accumulator on the CPU", cosine_case, dev, backend, 129, 577, BF16, "some",
                        True, seed=5, acc_device=torch.device("cpu"))
@@ -817,8 +856,11 @@ def section_perf_bi_angular(ctx) -> dict:
     f = timed(forward, dev, reps, warmup=1 if gpu else 0, min_left=30)
     s = timed(score, dev, reps, warmup=1 if gpu else 0, min_left=30)
     ratio = s["median_s"] / f["median_s"]
-    return {"status": "measured", "model": _shape_note(ctx), "forward": f, "score_fast_bi_angular": s,
-            "targets": {"bi_angular_over_forward": target("bi_angular_over_forward", ratio, gpu)}}
+    out = {"status": "measured", "model": _shape_note(ctx), "forward": f, "score_fast_bi_angular": s,
+           "targets": {"bi_angular_over_forward": target("bi_angular_over_forward", ratio, gpu)}}
+    if gpu:  # the whole call on one batch: per-batch syncs plus the run's fixed ones (fingerprint, results)
+        out["host_syncs_one_batch_run"] = count_syncs(score)
+    return out
 
 
 def _set_block_grads(model, on: bool) -> dict:
@@ -961,6 +1003,7 @@ def _bandwidth_rows(dtype, backends, dev, nbytes: int, reps: int) -> list[dict]:
     """copy_ bandwidth (read + write) of `nbytes`, then each fused op reading `nbytes`, as a share of it."""
     import torch
 
+    from shortllm import ops
     from shortllm.ops import cosine_stats_, taylor_stats_
 
     esize = torch.empty(0, dtype=dtype).element_size()
@@ -981,6 +1024,20 @@ def _bandwidth_rows(dtype, backends, dev, nbytes: int, reps: int) -> list[dict]:
                 bw = _bandwidth(fn, nbytes, dev, reps)
                 rows.append({"op": op, "backend": b, "dtype": str(dtype)[6:], "gbs": round(bw, 1),
                              "over_copy": round(bw / copy_bw, 3)})
+    x = y = None
+    span = getattr(ops, "cosine_span_stats_", None)
+    if span is not None:  # the 8 spans ending at one block output: 9 tensors read once each when fused
+        k = 8
+        n = nbytes // (k + 1) // (4096 * esize)
+        ys = torch.randn(n, 4096, device=dev, dtype=dtype)
+        xs = [torch.randn(n, 4096, device=dev, dtype=dtype) for _ in range(k)]
+        accs = torch.zeros(k, 3, dtype=torch.float64, device=dev)
+        m = mask[:n]
+        for b in backends:
+            with forced_backend(b):
+                bw = _bandwidth(lambda: span(xs, ys, m, accs), (k + 1) * n * 4096 * esize, dev, reps)
+            rows.append({"op": f"cosine_span_stats_ (k={k})", "backend": b, "dtype": str(dtype)[6:],
+                         "gbs": round(bw, 1), "over_copy": round(bw / copy_bw, 3)})
     return rows
 
 
@@ -1148,7 +1205,9 @@ def _details_md(sections: dict) -> list[str]:
 
     s = sections.get("perf_bi_angular", {})
     if "forward" in s:
-        out += [f"- BI+angular: score_fast {t(s['score_fast_bi_angular'])} vs base_model forward {t(s['forward'])}"]
+        syncs = s.get("host_syncs_one_batch_run")
+        out += [f"- BI+angular: score_fast {t(s['score_fast_bi_angular'])} vs base_model forward {t(s['forward'])}"
+                + ("" if syncs is None else f"; {syncs} host syncs in a one-batch score_fast call")]
     s = sections.get("perf_taylor", {})
     for k, v in s.items():
         if isinstance(v, dict) and k != "targets":
@@ -1157,8 +1216,9 @@ def _details_md(sections: dict) -> list[str]:
             out.append(f"- Taylor, {k}: {secs}{peak}")
     s = sections.get("perf_ppl", {})
     if "ppl_criterion_s" in s:
+        rel = s.get("max_rel_diff")
         out.append(f"- PPL criterion {s['ppl_criterion_s']} s vs naive {s.get('naive_s', '-')} s, max rel diff of "
-                   f"the scores {s.get('max_rel_diff', '-')}")
+                   f"the scores {'-' if rel is None else format(rel, '.2g')}")
     for r in sections.get("perf_ops_bandwidth", {}).get("rows", []):
         what = f"{r['gbs']} GB/s" + (f" ({r['over_copy']} of copy)" if "over_copy" in r else "") if "gbs" in r \
             else f"{r['tflops']} TFLOP/s"

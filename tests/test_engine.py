@@ -251,3 +251,20 @@ def test_nan_in_padded_rows_never_reaches_a_score(backend, dtype, metrics):
         a, b = got.values[m], clean.values[m]
         assert torch.equal(torch.isnan(a), torch.isnan(b)), m
         torch.testing.assert_close(a[~torch.isnan(a)], b[~torch.isnan(b)], rtol=1e-6, atol=1e-9, msg=m)
+
+
+def test_batch_loss_runs_on_the_heads_device():
+    """With device_map the LM head can live on another device than the last block: the loss inputs follow the
+    head (`meta` plays the second device: the op's fake implementation checks devices without computing)."""
+    from types import SimpleNamespace
+
+    from shortllm.scoring.context import batch_context
+    from shortllm.scoring.engine import batch_loss
+
+    model = make_tiny("llama", 2, seed=1)
+    batch = random_batch(2, 9, seed=3)
+    ctx = batch_context(0, batch, model, torch.device("cpu"))
+    w = torch.empty(model.config.vocab_size, model.config.hidden_size, device="meta")
+    adapter = SimpleNamespace(head_params=lambda: {"weight": w, "bias": None, "softcap": 0.0, "scale": 1.0})
+    loss = batch_loss(adapter, torch.randn(2, 9, model.config.hidden_size), ctx)
+    assert loss.device.type == "meta" and loss.dim() == 0

@@ -225,8 +225,10 @@ def get_adapter(model: nn.Module, spec: Optional[ArchSpec] = None, **paths) -> A
     if spec is None:
         spec = REGISTRY.get(model_type)
         if spec is None and not paths:
-            raise UnsupportedModelError(f"unknown architecture model_type={model_type!r} ({type(model).__name__}); "
-                                        + _supported_text())
+            # the registry wins; discovery (one traced forward, cached per model) only fills its gaps
+            from shortllm.model.discovery import discover
+
+            spec = ArchSpec(**discover(model).spec_fields)
         if spec is None:
             missing = {"blocks", "final_norm"} - set(paths)
             if missing:
@@ -246,7 +248,9 @@ def get_adapter(model: nn.Module, spec: Optional[ArchSpec] = None, **paths) -> A
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         raise UnsupportedModelError(f"{type(model).__name__}: no decoder blocks at '{spec.blocks}' "
                                     f"(found {type(blocks).__name__}); " + _supported_text())
-    if adapter.final_norm() is None and not (spec.final_norm_optional and _holds_none(model, spec.final_norm)):
+    # final_norm="" with final_norm_optional: discovery saw nothing between the last block and the head
+    no_norm = spec.final_norm_optional and (spec.final_norm == "" or _holds_none(model, spec.final_norm))
+    if adapter.final_norm() is None and not no_norm:
         raise UnsupportedModelError(f"{type(model).__name__}: no final norm at '{spec.final_norm}'; "
                                     + _supported_text())
     if adapter.lm_head() is None or not hasattr(adapter.lm_head(), "weight"):

@@ -4,7 +4,10 @@ The result is a model of the same class that `save_pretrained` / `from_pretraine
 
 - the decoder-block ModuleList keeps only the plan's kept blocks, in order;
 - the layer-count config key (`num_hidden_layers`, GPT-2's `n_layer`) and every per-layer config list
-  (`layer_types`, and any list of length L whose name mentions "layer") follow the kept blocks;
+  (`layer_types`, and any top-level list of length L but known non-layer ones such as `architectures`;
+  sub-configs like `text_config` are not walked) follow the kept blocks;
+- lists of layer INDICES (`mlp_only_layers`, attention-layer index lists: an index-like name, ints in
+  [0, L)) are remapped to the new indices, removed blocks dropped;
 - index thresholds are rewritten to keep each kept block's behaviour: Qwen2/3 `max_window_layers`
   (block i slides iff i >= max_window_layers) becomes the number of kept blocks below the old
   threshold, which is always expressible because kept blocks keep their order;
@@ -31,8 +34,9 @@ import copy
 import torch
 from torch import nn
 
-from shortllm.errors import PlanError
+from shortllm.errors import PlanError, UnsupportedModelError
 from shortllm.model.adapters import get_adapter, resolve
+from shortllm.model.discovery import index_lists, layer_count, per_layer_lists
 from shortllm.pruning.plans import Plan
 
 INDEX_ATTRS = ("layer_idx", "layer_id", "layer_number")
@@ -109,10 +113,15 @@ def rewrite_config(cfg, plan: Plan, per_layer: tuple[str, ...] = ()) -> dict:
     """Rewrite every depth-dependent config field for the kept blocks; returns {field: (old, new)}."""
     L, kept = plan.num_layers, plan.kept
     changes: dict = {}
-    names = set(per_layer)
-    for k, v in cfg.to_dict().items():
-        if isinstance(v, (list, tuple)) and len(v) == L and "layer" in k and k not in ("architectures",):
-            names.add(k)
+    # index lists first: an index list that happens to hold L entries must be remapped, not filtered
+    index_names = [k for k in index_lists(cfg, L) if k not in per_layer]
+    names = set(per_layer) | set(per_layer_lists(cfg, L))
+    new_index = plan.new_index
+    for k in index_names:
+        v = getattr(cfg, k)
+        new = type(v)(new_index[i] for i in v if i in new_index)
+        changes[k] = (list(v), list(new))
+        setattr(cfg, k, new)
     for k in sorted(names):
         v = getattr(cfg, k, None)
         if v is None:
@@ -143,7 +152,12 @@ def get_adapter_spec_key(cfg) -> str:
     from shortllm.model.adapters import REGISTRY
 
     spec = REGISTRY.get(getattr(cfg, "model_type", ""))
-    return spec.num_layers_key if spec is not None else "num_hidden_layers"
+    if spec is not None:
+        return spec.num_layers_key
+    try:
+        return layer_count(cfg)[0]  # the attribute the config stores (n_layer, num_layers, ...)
+    except UnsupportedModelError:
+        return "num_hidden_layers"
 
 
 def _refresh_module_state(model: nn.Module, cfg) -> None:

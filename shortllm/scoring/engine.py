@@ -41,9 +41,11 @@ def batch_loss(adapter: Adapter, head_in: Tensor, ctx: BatchContext) -> Tensor:
     """Mean token cross-entropy of one batch (labels = input_ids, padding ignored: `next_token_targets`) from
     the LM head's input [B, T, D], through the chunked head: the [N, V] logits never exist."""
     head = adapter.head_params()
-    h = head_in[:, :-1].reshape(-1, head_in.shape[-1])
+    dev = head["weight"].device  # with device_map the head may live elsewhere than the last block
+    h = head_in[:, :-1].reshape(-1, head_in.shape[-1]).to(dev)
     targets = next_token_targets(ctx.input_ids, ctx.attention_mask).reshape(-1)
     n = int((targets != -100).sum())
+    targets = targets.to(dev)
     if n == 0:
         raise EmptyLoaderError(f"batch {ctx.index}: no position has a next token to predict (sequences of "
                                "length 1); use seq_len >= 2")
@@ -133,7 +135,8 @@ class Engine:
             if self.check_finite and not cosine_active:
                 # padded rows may hold anything (SDPA gives NaN for a fully masked query): only valid rows count
                 rows_ok = torch.isfinite(h_out.detach()).reshape(-1, h_out.shape[-1]).all(dim=1)
-                self._finite.append((rows_ok | ~ctx.valid).all())
+                valid = ctx.valid if ctx.valid.device == rows_ok.device else ctx.valid.to(rows_ok.device)
+                self._finite.append((rows_ok | ~valid).all().to(self.device))
         return on_block
 
     def _raise_if_nonfinite(self, ctx: BatchContext) -> None:

@@ -1,0 +1,394 @@
+"""Architecture discovery for a causal LM whose `model_type` has no registry entry.
+
+The registry (`adapters.REGISTRY`) names each architecture's modules by hand. For anything else this
+module reads the same facts off the model itself: the module tree gives the candidates, and ONE traced
+forward on a 4-token input (forward pre/post hooks on every module) tells which of them actually run, in
+which order, and what they return:
+
+- blocks: the nn.ModuleList with one element per layer (the config's layer count) whose elements run
+  exactly once each, in index order, and form a residual chain (block i+1's input is block i's output);
+- embeddings: the parameterised modules outside the blocks that run before block 0;
+- final norm / head extras: the parameterised modules outside the blocks that run between the last block
+  and the LM head (`get_output_embeddings()`); the final norm may be absent;
+- the head is checked, not assumed: lm_head(extras(final_norm(last block output))) with the config's
+  `final_logit_softcapping` / `logit_scale` (what `Adapter.head_params` reproduces) must equal the model's
+  own logits, or the chunked loss of Taylor / PPL would score another model;
+- per block: the attention (or mixer) branch and the MLP (or MoE) branch among the block's children, and
+  each branch's output projection: a Linear whose output IS the branch output, so zeroing its weight and
+  bias removes the branch exactly. A branch without one (an MoE that sums experts) gets no projection, and
+  removing that branch is refused by prune rather than done wrongly.
+
+Nothing is inferred from a module's name where a measurement exists; names only classify a block's
+children into attention-like and MLP-like branches. Anything that cannot be found raises an
+UnsupportedModelError naming the part and the `get_adapter(model, <part>=...)` override. This module must
+not import `shortllm.model.adapters` (which imports it): it returns plain field values for an ArchSpec.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from shortllm.errors import UnsupportedModelError
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers")
+_ATTN_WORDS = ("attn", "attention", "mixer", "mamba", "ssm", "recurrent", "rwkv", "time_mix", "token_mix",
+               "linear_attn", "conv", "mixing")
+_MLP_WORDS = ("mlp", "moe", "feed_forward", "feedforward", "ffn", "ff", "expert", "channel_mix", "sparse")
+_TRACE_LEN = 4
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Discovery]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class BlockBranches:
+    """What one block holds (paths relative to the block; "" when absent)."""
+
+    attn: str = ""
+    mlp: str = ""
+    attn_out: str = ""
+    mlp_out: str = ""
+    block_class: str = ""
+
+
+@dataclass
+class Discovery:
+    """What discovery found: `spec_fields` are ArchSpec keyword arguments; the rest is the evidence."""
+
+    spec_fields: dict
+    num_layers: int
+    block_branches: list[BlockBranches] = field(default_factory=list)
+    head_transforms: dict = field(default_factory=dict)
+
+
+def _override_hint(part: str) -> str:
+    return (f"pass it yourself: get_adapter(model, {part}=...) (dotted path from the *ForCausalLM module; "
+            "also blocks=, final_norm=, embeddings=, lm_head=, attn=, mlp=, attn_out=, mlp_out=), or "
+            "shortllm.model.adapters.register(model_type, ArchSpec(...))")
+
+
+def layer_count(cfg) -> tuple[str, int]:
+    """(the config attribute that holds the layer count, its value). Aliases (GPT-2's `num_hidden_layers`
+    -> `n_layer`) resolve to the attribute the config really stores, which is what save_pretrained writes."""
+    amap = getattr(cfg, "attribute_map", {}) or {}
+    for key in LAYER_COUNT_KEYS:
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return amap.get(key, key), v
+    raise UnsupportedModelError(
+        f"model_type={getattr(cfg, 'model_type', '')!r}: the config has no layer count ({', '.join(LAYER_COUNT_KEYS)}); "
+        "a multimodal wrapper keeps it in a sub-config (text_config), which discovery does not walk yet; "
+        + _override_hint("blocks"))
+
+
+def _first_tensor(x) -> Optional[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]
+    if hasattr(x, "last_hidden_state") and isinstance(x.last_hidden_state, torch.Tensor):
+        return x.last_hidden_state
+    return None
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+        return True
+    name = type(mod).__name__.lower()
+    return "norm" in name
+
+
+def _has_params(mod: nn.Module) -> bool:
+    return next(mod.parameters(), None) is not None
+
+
+def _linear_like(mod: nn.Module) -> bool:
+    """Whose output is x @ W (+ b): zeroing weight and bias zeroes the output exactly."""
+    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
+class _Trace:
+    """Pre/post events of every module in one forward, with each module's first tensor input and output."""
+
+    def __init__(self, model: nn.Module):
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.events: list[tuple[str, str]] = []
+        self.inputs: dict[str, list] = {}
+        self.outputs: dict[str, list] = {}
+        self.handles = []
+        for mod in model.modules():
+            self.handles.append(mod.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(mod.register_forward_hook(self._post))
+
+    def _pre(self, mod, args, kwargs):
+        name = self.names.get(id(mod))
+        if name is not None:
+            self.events.append(("pre", name))
+            x = args[0] if args else kwargs.get("hidden_states")
+            self.inputs.setdefault(name, []).append(_first_tensor(x))
+
+    def _post(self, mod, _args, out):
+        name = self.names.get(id(mod))
+        if name is not None:
+            self.events.append(("post", name))
+            t = _first_tensor(out)
+            self.outputs.setdefault(name, []).append(None if t is None else t.detach())
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def first(self, kind: str, name: str) -> Optional[int]:
+        for i, ev in enumerate(self.events):
+            if ev == (kind, name):
+                return i
+        return None
+
+    def last(self, kind: str, name: str) -> Optional[int]:
+        for i in range(len(self.events) - 1, -1, -1):
+            if self.events[i] == (kind, name):
+                return i
+        return None
+
+
+def _run_trace(model: nn.Module, vocab: int) -> tuple[_Trace, torch.Tensor]:
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    # ids 1..4 avoid the usual pad id 0; modulo keeps them valid for any vocabulary
+    ids = (torch.arange(1, _TRACE_LEN + 1, device=device) % max(vocab, 1)).unsqueeze(0)
+    trace = _Trace(model)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except Exception as e:  # noqa: BLE001 - any failure of a foreign forward becomes one typed error
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the discovery forward (input_ids of shape [1, {_TRACE_LEN}], use_cache=False) "
+            f"failed ({type(e).__name__}: {e}); " + _override_hint("blocks")) from e
+    finally:
+        trace.remove()
+        model.train(was_training)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = _first_tensor(out)
+    return trace, logits
+
+
+def _find_blocks(model: nn.Module, trace: _Trace, L: int) -> str:
+    candidates = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == L]
+    ok = []
+    for path in candidates:
+        prefix = f"{path}." if path else ""
+        order = [int(n[len(prefix):]) for kind, n in trace.events
+                 if kind == "pre" and n.startswith(prefix) and n[len(prefix):].isdigit()]
+        if order == list(range(L)):
+            ok.append(path)
+    if not ok:
+        found = ", ".join(f"{n} (len {len(m)})" for n, m in model.named_modules()
+                          if isinstance(m, nn.ModuleList)) or "none"
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no nn.ModuleList of {L} blocks (the config's layer count) whose blocks each "
+            f"run once, in order (module lists: {found}); " + _override_hint("blocks"))
+    # several qualifying lists (a per-layer list of norms beside the blocks): the blocks hold the most weights
+    return max(ok, key=lambda p: sum(x.numel() for x in model.get_submodule(p).parameters()))
+
+
+def _top_level(names: list[str]) -> list[str]:
+    """Drop every name inside another name of the list (keep the outermost modules), keeping order."""
+    out = []
+    for n in names:
+        if not any(n.startswith(o + ".") for o in names if o != n):
+            out.append(n)
+    return out
+
+
+def _module_path(model: nn.Module, target: nn.Module) -> Optional[str]:
+    for n, m in model.named_modules():
+        if m is target:
+            return n
+    return None
+
+
+def _check_chain(trace: _Trace, blocks: str, L: int) -> None:
+    for i in range(L - 1):
+        out = trace.outputs.get(f"{blocks}.{i}", [None])[0]
+        nxt = trace.inputs.get(f"{blocks}.{i + 1}", [None])[0]
+        if out is None or nxt is None or out.shape != nxt.shape or not torch.equal(out, nxt):
+            raise UnsupportedModelError(
+                f"blocks at '{blocks}': block {i + 1}'s input is not block {i}'s output, so removing a block "
+                "is not bypassing it (the model transforms the stream between blocks); "
+                + _override_hint("blocks"))
+
+
+def _block_branches(model: nn.Module, trace: _Trace, blocks: str, i: int) -> BlockBranches:
+    path = f"{blocks}.{i}"
+    block = model.get_submodule(path)
+    ran = []
+    for name, child in block.named_children():
+        full = f"{path}.{name}"
+        if full in trace.outputs and _has_params(child) and not _is_norm(child):
+            ran.append((trace.first("pre", full), name, child))
+    ran.sort(key=lambda t: t[0])
+    attn = mlp = ""
+
+    def words(name, child):
+        return f"{name.lower()} {type(child).__name__.lower()}"
+
+    for _, name, child in ran:
+        w = words(name, child)
+        if not attn and any(k in w for k in _ATTN_WORDS) and not any(k in name.lower() for k in ("mlp", "moe")):
+            attn = name
+        elif not mlp and any(k in w.replace("attention", "") for k in _MLP_WORDS):
+            mlp = name
+    if not attn and not mlp and len(ran) == 2:
+        attn, mlp = ran[0][1], ran[1][1]
+    return BlockBranches(attn=attn, mlp=mlp, attn_out=_out_proj(model, trace, path, attn),
+                         mlp_out=_out_proj(model, trace, path, mlp), block_class=type(block).__name__)
+
+
+def _out_proj(model: nn.Module, trace: _Trace, block_path: str, branch: str) -> str:
+    """The Linear whose (single-call) output is exactly the branch's output, relative to the block."""
+    if not branch:
+        return ""
+    full = f"{block_path}.{branch}"
+    outs = trace.outputs.get(full, [])
+    if len(outs) != 1 or outs[0] is None:
+        return ""
+    target = outs[0]
+    best = ""
+    for name, mod in model.get_submodule(full).named_modules():
+        sub = f"{full}.{name}" if name else full
+        if not name or not _linear_like(mod):
+            continue
+        got = trace.outputs.get(sub, [])
+        if len(got) == 1 and got[0] is not None and got[0].shape == target.shape and torch.equal(got[0], target):
+            best = f"{branch}.{name}"
+    return best
+
+
+def _head_transforms(cfg) -> dict:
+    # what Adapter.head_params reproduces: logits = softcap * tanh(scale * (W h + b) / softcap)
+    return {"softcap": float(getattr(cfg, "final_logit_softcapping", None) or 0.0),
+            "scale": float(getattr(cfg, "logit_scale", None) or 1.0)}
+
+
+def _check_head(model, trace: _Trace, blocks: str, L: int, final_norm: str, head_extra: tuple, lm_head: str,
+                logits: torch.Tensor, transforms: dict) -> None:
+    h = trace.outputs.get(f"{blocks}.{L - 1}", [None])[0]
+    if h is None or logits is None:
+        raise UnsupportedModelError(f"{type(model).__name__}: could not observe the last block's output or the "
+                                    "logits in the discovery forward; " + _override_hint("final_norm"))
+    with torch.no_grad():
+        for p in ((final_norm,) if final_norm else ()) + head_extra:
+            h = _first_tensor(model.get_submodule(p)(h))
+        z = model.get_submodule(lm_head)(h).float() * transforms["scale"]
+        if transforms["softcap"]:
+            z = transforms["softcap"] * torch.tanh(z / transforms["softcap"])
+    ref = logits.float()
+    tol = 1e-3 * max(1.0, float(ref.abs().max()))
+    if z.shape != ref.shape or not torch.allclose(z, ref, rtol=1e-3, atol=tol):
+        diff = float((z - ref).abs().max()) if z.shape == ref.shape else f"shape {tuple(z.shape)} vs {tuple(ref.shape)}"
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the model's logits are not {lm_head}({' -> '.join(head_extra) or ''}"
+            f"{final_norm or 'no final norm'}(last block output)) with final_logit_softcapping / logit_scale "
+            f"(max difference {diff}): it applies a head transform shortllm does not reproduce, so Taylor and "
+            "PPL would score another model; " + _override_hint("final_norm"))
+
+
+def discover(model: nn.Module) -> Discovery:
+    """Find the decoder blocks, embeddings, final norm, LM head and branches of `model` (cached per model)."""
+    hit = _CACHE.get(model)
+    if hit is not None:
+        return hit
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no config; " + _override_hint("blocks"))
+    key, L = layer_count(cfg)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None); "
+                                    "load it with AutoModelForCausalLM, or " + _override_hint("lm_head"))
+    lm_head = _module_path(model, head)
+    vocab = int(head.weight.shape[0])
+    trace, logits = _run_trace(model, vocab)
+    blocks = _find_blocks(model, trace, L)
+    _check_chain(trace, blocks, L)
+
+    b0, b_end = trace.first("pre", f"{blocks}.0"), trace.last("post", f"{blocks}.{L - 1}")
+    head_pre = trace.first("pre", lm_head)
+    ancestors = {blocks.rsplit(".", j)[0] for j in range(1, blocks.count(".") + 1)} | {""}
+
+    def outside(n: str) -> bool:
+        return (n not in ancestors and n != blocks and not n.startswith(blocks + ".") and n != lm_head
+                and not n.startswith(lm_head + "."))
+
+    before = [n for i, (k, n) in enumerate(trace.events) if k == "pre" and i < b0 and outside(n)]
+    after = [n for i, (k, n) in enumerate(trace.events)
+             if k == "pre" and i > b_end and (head_pre is None or i < head_pre) and outside(n)]
+    before = [n for n in _top_level(list(dict.fromkeys(before))) if _has_params(model.get_submodule(n))]
+    after = [n for n in _top_level(list(dict.fromkeys(after))) if _has_params(model.get_submodule(n))]
+    final_norm = next((n for n in after if _is_norm(model.get_submodule(n))), "")
+    head_extra = tuple(n for n in after if n != final_norm)
+    if final_norm and head_extra and after.index(final_norm) > 0:
+        raise UnsupportedModelError(f"{type(model).__name__}: modules {list(head_extra)} run between the last block "
+                                    f"and the final norm '{final_norm}'; " + _override_hint("final_norm"))
+    transforms = _head_transforms(cfg)
+    _check_head(model, trace, blocks, L, final_norm, head_extra, lm_head, logits, transforms)
+
+    per_block = [_block_branches(model, trace, blocks, i) for i in range(L)]
+
+    def common(attr: str) -> str:
+        vals = [getattr(b, attr) for b in per_block if getattr(b, attr)]
+        return Counter(vals).most_common(1)[0][0] if vals else ""
+
+    fields = {"blocks": blocks, "embeddings": tuple(before), "final_norm": final_norm, "lm_head": lm_head,
+              "attn": common("attn"), "mlp": common("mlp"), "attn_out": common("attn_out"),
+              "mlp_out": common("mlp_out"), "head_extra": head_extra, "final_norm_optional": not final_norm,
+              "num_layers_key": key, "per_layer_config": per_layer_lists(cfg, L),
+              "notes": "discovered from the module tree and one traced forward"}
+    found = Discovery(spec_fields=fields, num_layers=L, block_branches=per_block, head_transforms=transforms)
+    _CACHE[model] = found
+    return found
+
+
+# config lists of length L that are not one-entry-per-layer facts
+NON_LAYER_LISTS = frozenset({"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                             "forced_decoder_ids", "eos_token_id", "bos_token_id", "pad_token_id", "label2id",
+                             "id2label", "tie_word_embeddings"})
+
+
+def _index_list_name(k: str) -> bool:
+    k = k.lower()
+    return (k.endswith("_layers") or "layer_ids" in k or "layers_idx" in k or "layer_idx" in k
+            or "layer_indices" in k or "layers_block_type_idx" in k or k.endswith("_layer_ids"))
+
+
+def index_lists(cfg, L: int) -> list[str]:
+    """Config entries that list layer INDICES (`mlp_only_layers`, attention-layer index lists): non-empty
+    lists of ints in [0, L) under an index-like name. Checked before `per_layer_lists` so that an index
+    list that happens to have L entries is remapped, not filtered."""
+    out = []
+    for k, v in _items(cfg):
+        if (isinstance(v, (list, tuple)) and v and _index_list_name(k)
+                and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < L for x in v)
+                and len(set(v)) == len(v)):
+            out.append(k)
+    return out
+
+
+def per_layer_lists(cfg, L: int) -> tuple[str, ...]:
+    """Config entries holding one value per layer: lists / tuples of length L (sub-configs such as
+    `text_config` and known non-layer lists excluded; index lists excluded, they are remapped instead)."""
+    idx = set(index_lists(cfg, L))
+    return tuple(k for k, v in _items(cfg)
+                 if isinstance(v, (list, tuple)) and len(v) == L and k not in NON_LAYER_LISTS and k not in idx)
+
+
+def _items(cfg):
+    # to_dict() already renders nested sub-configs as dicts, which the list checks skip
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    return [(k, v) for k, v in d.items() if not k.startswith("_")]
