@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{sb * 1e3:.2f} ms | {fb * 1e3:.2f} ms | {fb / sb:.3f} | {r['bit_identical']} |")
             if name == "fp32":
                 fused_fp32[nt] = (med["batch single"], med["batch fused"])
-        sections += [f"## {nt} thread{'s' if nt > 1 else ''} (torch.set_num_threads({nt}); the kernels follow it)",
+        sections += [f"## {nt} thread{'s' if nt > 1 else ''} (torch.set_num_threads({nt}); the kernels take a team "
+                     "only from 32 MB per pair: one thread here)",
                      "", *rows, ""]
     torch.set_num_threads(threads0)
     fwd = forward_time(args.forward_reps)

@@ -1,7 +1,8 @@
 """Architecture adapters: where the decoder blocks, embeddings, final norm, LM head and each block's
 attention / MLP branches live in a Hugging Face causal LM.
 
-Registry keyed by `config.model_type`; anything else works by passing dotted paths:
+Registry keyed by `config.model_type`; anything else is discovered (`shortllm.model.discovery`: the module
+tree plus one traced forward) or works by passing dotted paths:
 
     get_adapter(model, blocks="transformer.blocks", final_norm="transformer.norm_f", embeddings="transformer.wte")
 
@@ -101,8 +102,8 @@ def _supported_text() -> str:
     return (f"supported model_type values: {', '.join(sorted(REGISTRY))}. For another decoder-only model pass "
             "dotted paths, e.g. get_adapter(model, blocks='model.layers', embeddings='model.embed_tokens', "
             "final_norm='model.norm', lm_head='lm_head'), or shortllm.model.adapters.register(model_type, "
-            "ArchSpec(...)); the command line handles only registered architectures, so register one from Python "
-            "(and call the library from there)")
+            "ArchSpec(...)); without either, the model is discovered from its module tree and one traced forward "
+            "(shortllm.model.discovery; `shortllm inspect MODEL` shows what is found)")
 
 
 @dataclass

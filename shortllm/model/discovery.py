@@ -3,7 +3,8 @@
 The registry (`adapters.REGISTRY`) names each architecture's modules by hand. For anything else this
 module reads the same facts off the model itself: the module tree gives the candidates, and ONE traced
 forward on a 4-token input (forward pre/post hooks on every module) tells which of them actually run, in
-which order, and what they return:
+which order, and what they return (plus one call of `model.base_model` alone when the causal LM's forward
+bypasses it, since that is the call the scorer makes):
 
 - blocks: the nn.ModuleList with one element per layer (the config's layer count) whose elements run
   exactly once each, in index order, and form a residual chain (block i+1's input is block i's output);
@@ -80,7 +81,8 @@ def layer_count(cfg) -> tuple[str, int]:
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return amap.get(key, key), v
     raise UnsupportedModelError(
-        f"model_type={getattr(cfg, 'model_type', '')!r}: the config has no layer count ({', '.join(LAYER_COUNT_KEYS)}); "
+        f"model_type={getattr(cfg, 'model_type', '')!r}: the config has no layer count "
+        f"({', '.join(LAYER_COUNT_KEYS)}); "
         "a multimodal wrapper keeps it in a sub-config (text_config), which discovery does not walk yet; "
         + _override_hint("blocks"))
 
@@ -120,6 +122,7 @@ class _Trace:
         self.inputs: dict[str, list] = {}
         self.outputs: dict[str, list] = {}
         self.handles = []
+        self.ids: Optional[torch.Tensor] = None
         for mod in model.modules():
             self.handles.append(mod.register_forward_pre_hook(self._pre, with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self._post))
@@ -128,15 +131,17 @@ class _Trace:
         name = self.names.get(id(mod))
         if name is not None:
             self.events.append(("pre", name))
-            x = args[0] if args else kwargs.get("hidden_states")
-            self.inputs.setdefault(name, []).append(_first_tensor(x))
+            x = _first_tensor(args[0] if args else kwargs.get("hidden_states"))
+            self.inputs.setdefault(name, []).append(None if x is None else x.detach().clone())
 
     def _post(self, mod, _args, out):
         name = self.names.get(id(mod))
         if name is not None:
             self.events.append(("post", name))
             t = _first_tensor(out)
-            self.outputs.setdefault(name, []).append(None if t is None else t.detach())
+            # cloned: a caller may add into this output in place (Llama-4's shared expert + routed experts),
+            # and the stored value must be what this module returned
+            self.outputs.setdefault(name, []).append(None if t is None else t.detach().clone())
 
     def remove(self):
         for h in self.handles:
@@ -160,6 +165,7 @@ def _run_trace(model: nn.Module, vocab: int) -> tuple[_Trace, torch.Tensor]:
     # ids 1..4 avoid the usual pad id 0; modulo keeps them valid for any vocabulary
     ids = (torch.arange(1, _TRACE_LEN + 1, device=device) % max(vocab, 1)).unsqueeze(0)
     trace = _Trace(model)
+    trace.ids = ids
     was_training = model.training
     try:
         model.eval()
@@ -299,6 +305,30 @@ def _check_head(model, trace: _Trace, blocks: str, L: int, final_norm: str, head
             "PPL would score another model; " + _override_hint("final_norm"))
 
 
+def _check_base_model(model: nn.Module, trace: _Trace, lm_head: str) -> None:
+    """The scorer runs `model.base_model` and feeds its first output to the LM head: that must be the head's
+    input. A causal LM whose base_model_prefix names no submodule has base_model == itself (its first output
+    would be the logits)."""
+    base = getattr(model, "base_model", None)
+    path = _module_path(model, base) if base is not None else None
+    if not path:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: model.base_model is the causal LM itself (base_model_prefix="
+            f"{getattr(model, 'base_model_prefix', '')!r} names no submodule), so the scorer cannot run the backbone "
+            "alone to get the LM head's input")
+    out = trace.outputs.get(path, [None])[0]
+    if out is None:
+        # the causal LM's forward may skip its base model (OPT calls model.decoder directly): run the call the
+        # scorer makes
+        with torch.no_grad():
+            out = _first_tensor(base(input_ids=trace.ids, attention_mask=torch.ones_like(trace.ids), use_cache=False))
+    head_in = trace.inputs.get(lm_head, [None])[0]
+    if out is None or head_in is None or out.shape != head_in.shape or not torch.allclose(out, head_in):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the first output of model.base_model ('{path}') is not the input of the LM "
+            f"head ('{lm_head}'), so the scorer's loss would not be the model's; " + _override_hint("final_norm"))
+
+
 def discover(model: nn.Module) -> Discovery:
     """Find the decoder blocks, embeddings, final norm, LM head and branches of `model` (cached per model)."""
     hit = _CACHE.get(model)
@@ -330,12 +360,20 @@ def discover(model: nn.Module) -> Discovery:
     after = [n for i, (k, n) in enumerate(trace.events)
              if k == "pre" and i > b_end and (head_pre is None or i < head_pre) and outside(n)]
     before = [n for n in _top_level(list(dict.fromkeys(before))) if _has_params(model.get_submodule(n))]
-    after = [n for n in _top_level(list(dict.fromkeys(after))) if _has_params(model.get_submodule(n))]
+    # a final norm may have no weight (NanoChat's plain RMSNorm): keep norms even without parameters
+    after = [n for n in _top_level(list(dict.fromkeys(after)))
+             if _has_params(model.get_submodule(n)) or _is_norm(model.get_submodule(n))]
     final_norm = next((n for n in after if _is_norm(model.get_submodule(n))), "")
     head_extra = tuple(n for n in after if n != final_norm)
     if final_norm and head_extra and after.index(final_norm) > 0:
         raise UnsupportedModelError(f"{type(model).__name__}: modules {list(head_extra)} run between the last block "
                                     f"and the final norm '{final_norm}'; " + _override_hint("final_norm"))
+    was_training = model.training
+    model.eval()
+    try:
+        _check_base_model(model, trace, lm_head)
+    finally:
+        model.train(was_training)
     transforms = _head_transforms(cfg)
     _check_head(model, trace, blocks, L, final_norm, head_extra, lm_head, logits, transforms)
 
