@@ -58,9 +58,9 @@ def cosine_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], acc: Tensor) -> N
 def cosine_span_stats(xs: list[Tensor], y: Tensor, mask: Optional[Tensor], acc: Tensor) -> None:
     """One fused pass: each row of y is read once and its |y|^2 summed once for all k inputs (k <= 16 per
     pass; csrc groups more). Bit-identical to k `cosine_stats` calls: same lanes, blocks and slot order.
-    Threads: `_threads` of one pair's bytes (2 * N * D * itemsize), so the call gets the same team as each of
-    the k `cosine_stats` calls it replaces: for SmolLM2 (k = 8, 9.4 MB a pair, 42 MB a call) one thread,
-    since an OpenMP team on a loaded 2-core machine measured 2.4x slower per batch than the single thread."""
+    Threads: `_threads` of the bytes the call reads ((k + 1) * N * D * itemsize): for SmolLM2 (k = 8, 42 MB a
+    call) a team of `torch.get_num_threads()`; on a quiet 2-core machine that took one batch's 240 spans from
+    62 ms to 39 ms (on a loaded machine a team can stall instead: benchmarks/bench_cosine_span.py)."""
     if not _cpu_ok(y, *xs) or any(x.dtype != y.dtype for x in xs) or acc.device.type != "cpu":
         return _ref("cosine_span_stats")(xs, y, mask, acc)
     k = len(xs)
@@ -77,7 +77,7 @@ def cosine_span_stats(xs: list[Tensor], y: Tensor, mask: Optional[Tensor], acc: 
     n, d = y.shape
     _cpu.cosine_span_stats(table.data_ptr(), k, y.data_ptr(), y.stride(0), n, d, DTYPE_CODES[y.dtype],
                            0 if mask is None else mask.data_ptr(), out.data_ptr(), out.stride(0),
-                           _threads(2 * n * d * y.element_size()))
+                           _threads((k + 1) * n * d * y.element_size()))
     if out is not acc:
         acc.add_(out)
 
