@@ -60,9 +60,16 @@ def stamp() -> str:
             f"transformers {s['transformers']}; commit {s['commit']}{' (dirty tree)' if s['dirty'] else ''}")
 
 
-def run_child(script: str, *args: str) -> str:
-    """Run `script` in a fresh interpreter (so its peak RSS is its own) and return its stdout."""
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+def run_child(script: str, *args: str, exact_rss: bool = False) -> str:
+    """Run `script` in a fresh interpreter (so its peak RSS is its own) and return its stdout.
+
+    exact_rss: a fixed glibc mmap threshold, so every allocation of 128 KB or more is its own mapping,
+    returned to the system when freed; the peak RSS then follows the peak of live tensor bytes instead of
+    what the allocator happened to keep cached (without it, repeated runs of one method differ by ~50 MB)."""
+    env = dict(os.environ)
+    if exact_rss:
+        env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{script} {args} failed:\n{out.stderr[-3000:]}")
     return out.stdout
