@@ -268,3 +268,48 @@ def test_batch_loss_runs_on_the_heads_device():
     adapter = SimpleNamespace(head_params=lambda: {"weight": w, "bias": None, "softcap": 0.0, "scale": 1.0})
     loss = batch_loss(adapter, torch.randn(2, 9, model.config.hidden_size), ctx)
     assert loss.device.type == "meta" and loss.dim() == 0
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_taylor_and_mag_cover_experts_and_routers(arch):
+    """Fused experts (3-D parameters named without 'weight') and routers count for Mag and Taylor; biases never.
+    Oracle: Mag summed by hand over the block's non-bias parameters; Taylor from a plain autograd backward of
+    the same loss."""
+    import transformers as tf
+
+    if arch == "mixtral":
+        cfg = tf.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
+                               max_position_embeddings=64)
+        model = tf.MixtralForCausalLM(cfg)
+    else:
+        cfg = tf.Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_experts=4,
+                                num_experts_per_tok=2, head_dim=8, max_position_embeddings=64)
+        model = tf.Qwen3MoeForCausalLM(cfg)
+    torch.manual_seed(0)
+    model = model.eval()  # fp32: transformers' grouped expert matmul has no float64 kernel
+    blocks = model.model.layers
+    names = [n for n, _ in blocks[0].named_parameters()]
+    assert any("experts" in n and "weight" not in n for n in names), names  # fused experts exist
+    data = [random_batch(2, 9, seed=2)]
+    s = shortllm.score_fast(model, data, metrics=("taylor", "mag"), progress=False)
+    mag = [sum(float(p.double().abs().sum()) for n, p in b.named_parameters() if "bias" not in n.split(".")[-1])
+           for b in blocks]
+    torch.testing.assert_close(s.values["mag"], torch.tensor(mag, dtype=torch.float64), rtol=1e-6, atol=0)
+    # Taylor oracle: one batch, so sum |W * dL/dW| over the same parameters from a plain backward
+    model.zero_grad(set_to_none=True)
+    b = data[0]
+    labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    logits = model(**b, use_cache=False).logits  # no router aux loss: output_router_logits is off
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+    loss.backward()
+    taylor = [sum(float((p.detach().double() * p.grad.double()).abs().sum()) for n, p in blk.named_parameters()
+                  if "bias" not in n.split(".")[-1] and p.grad is not None) for blk in blocks]
+    experts = [sum(float((p.detach().double() * p.grad.double()).abs().sum()) for n, p in blk.named_parameters()
+                   if "experts" in n and "weight" not in n and p.grad is not None) for blk in blocks]
+    model.zero_grad(set_to_none=True)
+    # the fused experts carry a real share, so a scorer that skipped them could not pass the comparison below
+    assert all(e > 1e-2 * t for e, t in zip(experts, taylor)), (experts, taylor)
+    torch.testing.assert_close(s.values["taylor"], torch.tensor(taylor, dtype=torch.float64), rtol=1e-4, atol=1e-9)

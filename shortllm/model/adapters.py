@@ -195,8 +195,12 @@ class Adapter:
 
     @staticmethod
     def block_weights(block: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        """Every weight of a block (projections and norms), never biases: seed-000 selects names with 'weight'."""
-        return [(n, p) for n, p in block.named_parameters() if "weight" in n.split(".")[-1]]
+        """Every weight of a block (projections, norms, routers, experts), never biases. seed-000 selects names
+        containing 'weight', which on its Llama models is every non-bias parameter; transformers 5 stores fused
+        MoE experts as 3-D parameters without 'weight' in their name (`experts.gate_up_proj`), and SSM blocks
+        have `A_log`, `D`, ...: all weights, so the rule is "not a bias" (`dt_bias`, `e_score_correction_bias`
+        excluded)."""
+        return [(n, p) for n, p in block.named_parameters() if "bias" not in n.split(".")[-1]]
 
 
 def model_device(model: nn.Module) -> torch.device:
