@@ -73,3 +73,16 @@ def run_child(script: str, *args: str, exact_rss: bool = False) -> str:
     if out.returncode != 0:
         raise RuntimeError(f"{script} {args} failed:\n{out.stderr[-3000:]}")
     return out.stdout
+
+
+def write_report(path, text: str) -> None:
+    """Write a results file atomically (a reader never sees half a report) and print it."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+    print(text)

@@ -18,14 +18,13 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import stamp  # noqa: E402
+from _common import stamp, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 L, N_MAX, N, D = 30, 8, 4 * 512, 576
@@ -173,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         *sections,
         *fwd_lines,
     ])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, args.out)
-    print(text)
+    write_report(args.out, text)
     return 0
 
 

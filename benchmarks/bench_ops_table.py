@@ -15,14 +15,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import stamp  # noqa: E402
+from _common import stamp, write_report  # noqa: E402
 from _ops_cases import (  # noqa: E402
     INPUT_BYTES,
     copy_fn,
@@ -135,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *sections,
     ])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, args.out)
-    print(text)
+    write_report(args.out, text)
     return 0
 
 

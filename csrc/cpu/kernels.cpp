@@ -248,6 +248,35 @@ SLLM_INLINE void spill_halves(const vd8 (&v)[2], double* out) {
   memcpy(out + kLanes / 2, &v[1], sizeof v[1]);
 }
 
+// The end of a group row: the vector halves spilled into double lanes, the last d % kLanes elements added
+// in double, lanes summed in a fixed order (shared by the fp32 and the bf16/fp16 paths below).
+template <int DT, int G, bool WITH_Y>
+SLLM_INLINE void finish_group(const vd8 (&ad)[G][2], const vd8 (&ax)[G][2], const vd8 (&ay)[2],
+                              const void* const* xr, const float* y, int64_t i, int64_t d, double* dot, double* xx,
+                              double* yy) {
+  for (int g = 0; g < G; ++g) {
+    double ld[kLanes], lx[kLanes];
+    spill_halves(ad[g], ld);
+    spill_halves(ax[g], lx);
+    for (int j = 0; i + j < d; ++j) {
+      const double a = load<DT>(xr[g], i + j), b = y[i + j];
+      ld[j] += a * b;
+      lx[j] += a * a;
+    }
+    dot[g] = lane_sum(ld);
+    xx[g] = lane_sum(lx);
+  }
+  if (WITH_Y) {
+    double ly[kLanes];
+    spill_halves(ay, ly);
+    for (int j = 0; i + j < d; ++j) {
+      const double b = y[i + j];
+      ly[j] += b * b;
+    }
+    *yy = lane_sum(ly);
+  }
+}
+
 // float32 inputs (and the bf16 range fallback): double lanes, as row_sums_f64. y: float32 row.
 template <int DT, int G, bool WITH_Y>
 SLLM_INLINE void group_sums_f64(const void* const* xr, const float* y, int64_t d, double* dot, double* xx,
@@ -271,27 +300,7 @@ SLLM_INLINE void group_sums_f64(const void* const* xr, const float* y, int64_t d
       ax[g][1] += a1 * a1;
     }
   }
-  for (int g = 0; g < G; ++g) {
-    double ld[kLanes], lx[kLanes];
-    spill_halves(ad[g], ld);
-    spill_halves(ax[g], lx);
-    for (int j = 0; i + j < d; ++j) {
-      const double a = load<DT>(xr[g], i + j), b = y[i + j];
-      ld[j] += a * b;
-      lx[j] += a * a;
-    }
-    dot[g] = lane_sum(ld);
-    xx[g] = lane_sum(lx);
-  }
-  if (WITH_Y) {
-    double ly[kLanes];
-    spill_halves(ay, ly);
-    for (int j = 0; i + j < d; ++j) {
-      const double b = y[i + j];
-      ly[j] += b * b;
-    }
-    *yy = lane_sum(ly);
-  }
+  finish_group<DT, G, WITH_Y>(ad, ax, ay, xr, y, i, d, dot, xx, yy);
 }
 
 // bf16/fp16 inputs: exact float32 products in runs of kFlush, flushed into double lanes, as row_sums_mixed.
@@ -322,27 +331,7 @@ SLLM_INLINE void group_sums_mixed(const void* const* xr, const float* y, int64_t
     if (WITH_Y)
       for (int h = 0; h < 2; ++h) ay[h] += widen_half(fy, h);
   }
-  for (int g = 0; g < G; ++g) {
-    double ld[kLanes], lx[kLanes];
-    spill_halves(ad[g], ld);
-    spill_halves(ax[g], lx);
-    for (int j = 0; i + j < d; ++j) {
-      const double a = load<DT>(xr[g], i + j), b = y[i + j];
-      ld[j] += a * b;
-      lx[j] += a * a;
-    }
-    dot[g] = lane_sum(ld);
-    xx[g] = lane_sum(lx);
-  }
-  if (WITH_Y) {
-    double ly[kLanes];
-    spill_halves(ay, ly);
-    for (int j = 0; i + j < d; ++j) {
-      const double b = y[i + j];
-      ly[j] += b * b;
-    }
-    *yy = lane_sum(ly);
-  }
+  finish_group<DT, G, WITH_Y>(ad, ax, ay, xr, y, i, d, dot, xx, yy);
 }
 
 template <int DT, int G, bool WITH_Y>
