@@ -181,7 +181,8 @@ def test_merged_lora_export_matches_peft_logits(arch, tok, toy, tmp_path):
         got = loaded(input_ids=ids).logits
         base = make_tiny(arch)(input_ids=ids).logits
     assert (ref - base).abs().max() > 1e-3, "the adapters changed the model"
-    assert (got - ref).abs().max() <= 1e-5, float((got - ref).abs().max())
+    # x(W + BA) vs xW + (xB)A: float32 rounding of a different summation order, a few ulps of the logits
+    assert (got - ref).abs().max() <= 3e-5, float((got - ref).abs().max())
 
 
 @pytest.mark.parametrize("method", ["lora", "cpt"])

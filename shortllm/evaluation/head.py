@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from shortllm.errors import UnsupportedModelError
@@ -35,11 +34,12 @@ def lm_head_and_params(model: nn.Module) -> tuple[nn.Module, dict]:
                       "scale": float(getattr(cfg, "logit_scale", None) or 1.0)}
 
 
-@torch.no_grad()
 def head_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 head: Optional[nn.Module] = None) -> Tensor:
     """The LM head's input [B, T, D] for ``input_ids``: whatever the model feeds its head (final norm,
-    OPT's project_out, ...), captured by a pre-hook that stops the forward before any logits exist."""
+    OPT's project_out, ...), captured by a pre-hook that stops the forward before any logits exist.
+    Runs in the caller's grad mode: evaluation calls it under no_grad, retraining with grad (the
+    captured tensor keeps its autograd history)."""
     head = head if head is not None else lm_head_and_params(model)[0]
     box: dict = {}
 

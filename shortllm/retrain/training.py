@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from shortllm.errors import CheckpointError, DataError, ExportError, NonFiniteError, RetrainConfigError, ShortLLMError
+from shortllm.evaluation.head import head_hidden, lm_head_and_params
 from shortllm.io.atomic import publish_dir, temp_dir_beside
+from shortllm.ops import lm_head_nll
 from shortllm.retrain.checkpoints import checkpoint_dirs, load_checkpoint, model_fingerprint, save_checkpoint
 from shortllm.retrain.config import RetrainConfig, RetrainResult
 from shortllm.retrain.train_data import RetrainData, load_retrain_data
@@ -87,12 +89,20 @@ def _n_targets(labels: torch.Tensor) -> int:
 
 
 def _nll_sum(model: nn.Module, batch: dict, autocast_dtype) -> torch.Tensor:
+    """Summed token NLL through the one token-NLL path of the package (the chunked `lm_head_nll` op, as
+    scoring and evaluation use it): the model runs up to its LM head's input and the [N, V] logits are
+    never built, in training too (the op has a backward)."""
     dev = batch["input_ids"].device.type
+    head, hp = lm_head_and_params(model)
     with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits = logits[:, :-1].float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                                       ignore_index=-100, reduction="sum")
+        h = head_hidden(model, batch["input_ids"], batch["attention_mask"], head=head)
+    labels = batch["labels"][:, 1:].reshape(-1)
+    rows = (labels != -100).nonzero()[:, 0]
+    # only the predictions that count go through the head; the head runs in its weight's dtype (fp32 master
+    # weights under bf16 autocast), as the logits' `.float()` did before
+    h = h[:, :-1].reshape(-1, h.shape[-1])[rows].to(hp["weight"].dtype)
+    nll = lm_head_nll(h, hp["weight"], labels[rows], bias=hp["bias"], softcap=hp["softcap"], scale=hp["scale"])
+    return nll.sum(dtype=torch.float32)
 
 
 @torch.no_grad()
