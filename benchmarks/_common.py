@@ -23,10 +23,17 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
+def load_average() -> str:
+    """The machine's load when a run starts and ends: timings taken on a shared machine say so."""
+    try:
+        return "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "load average unknown"
+
+
 def stamp_dict() -> dict:
     """When, where, with what and at which commit a figure was measured (dirty: uncommitted changes)."""
-    import torch
-    import transformers
+    from shortllm.io.stamp import versions  # the versions every shortllm artifact records
 
     cpu = platform.processor() or ""
     try:
@@ -43,15 +50,8 @@ def stamp_dict() -> dict:
                                     text=True, cwd=here).stdout.strip())
     except OSError:
         commit, dirty = "?", True
-    try:
-        from importlib.metadata import version
-
-        ours = version("shortllm")
-    except Exception:  # noqa: BLE001 - a stamp must never fail the benchmark
-        ours = "?"
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
-            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "shortllm": ours, "commit": commit, "dirty": dirty}
+            "cores": os.cpu_count(), **versions(), "commit": commit, "dirty": dirty}
 
 
 def stamp() -> str:

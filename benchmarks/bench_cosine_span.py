@@ -24,17 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import stamp, write_report  # noqa: E402
+from _common import load_average, stamp, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 L, N_MAX, N, D = 30, 8, 4 * 512, 576
-
-
-def _load() -> str:
-    try:
-        return "load average %.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        return "load average unknown"
 
 
 def _states(dtype: torch.dtype) -> list[torch.Tensor]:
@@ -128,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 5:
         ap.error("--rounds must be at least 5 (medians)")
     os.environ["SHORTLLM_BACKEND"] = "cpu"  # fail loudly if the extension is missing
-    start_load = _load()
+    start_load = load_average()
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     threads0 = torch.get_num_threads()
     sections, fwd_lines = [], []
@@ -165,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Fused span cosine vs single-pair calls (CPU)",
         "",
         f"- stamp: {stamp()}",
-        f"- load: {start_load} at the start, {_load()} at the end (2-core machine, other jobs may share it)",
+        f"- load: {start_load} at the start, {load_average()} at the end (2-core machine, other jobs may share it)",
         f"- method: `python benchmarks/bench_cosine_span.py --rounds {args.rounds} --threads {args.threads} "
         f"--dtypes {args.dtypes} --forward-reps {args.forward_reps}`: " + " ".join(__doc__.split("\n\n")[2].split()),
         "",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import stamp, write_report  # noqa: E402
+from _common import load_average, stamp, write_report  # noqa: E402
 from _ops_cases import (  # noqa: E402
     INPUT_BYTES,
     copy_fn,
@@ -34,13 +34,6 @@ from _ops_cases import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load() -> str:
-    try:
-        return "load average %.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        return "load average unknown"
 
 
 def _machine() -> str:
@@ -113,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated torch/OpenMP thread counts, one table each")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ops.md")
     args = ap.parse_args(argv)
-    start_load = _load()
+    start_load = load_average()
     sections = []
     for nt in [int(t) for t in args.threads.split(",") if t.strip()]:
         torch.set_num_threads(nt)
@@ -124,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Fused op microbenchmarks (CPU)",
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {_machine()}; shared with other jobs: {start_load} at the start, {_load()} at the end",
+        f"- machine: {_machine()}; shared with other jobs: {start_load} at the start, {load_average()} at the end",
         f"- python {platform.python_version()}, torch {torch.__version__}",
         f"- stamp: {stamp()}",
         f"- method: `python benchmarks/bench_ops_table.py --rounds {args.rounds} --threads {args.threads}`: the "

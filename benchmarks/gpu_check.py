@@ -131,22 +131,13 @@ def forced_backend(name: str | None):
             os.environ["SHORTLLM_BACKEND"] = old
 
 
-@contextlib.contextmanager
 def poisoned_empty():
-    """torch.empty fills float tensors with NaN (CPU and CUDA alike), so an output or partial-sum slot a
-    kernel never writes shows up as NaN instead of stale memory that happens to look right."""
-    import torch
+    """The op tests' NaN fill of uninitialised memory (tests/ops_helpers.py), so an output or partial-sum
+    slot a kernel never writes shows up as NaN instead of stale memory that happens to look right."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import ops_helpers
 
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            assert torch.isnan(torch.empty(4)).all(), "NaN fill of torch.empty must be on"
-            yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+    return ops_helpers.poisoned_empty()
 
 
 @contextlib.contextmanager

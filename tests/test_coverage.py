@@ -20,7 +20,7 @@ from transformers import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from shortllm.model.adapters import REGISTRY, get_adapter
-from shortllm.model.discovery import layer_count
+from shortllm.model.layer_config import layer_count
 from shortllm.pruning.plans import make_plan
 from shortllm.pruning.removal import prune
 from shortllm.scoring.engine import score_fast

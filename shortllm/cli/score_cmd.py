@@ -49,6 +49,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from shortllm.scoring.engine import DEFAULT_CHECKPOINT_EVERY, parse_metrics, score_fast
 
     parse_metrics(args.metrics)  # a typo fails in a second, before the model is loaded or converted
@@ -64,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
             reject_unused(args, "without --checkpoint", {"--every": None})
     device = resolve_device(args.device, args.distributed)
     if args.distributed:
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             dist.init_process_group(backend="gloo" if device == "cpu" else "nccl")
     if args.offload == "disk":
@@ -79,8 +79,6 @@ def run(args: argparse.Namespace) -> int:
                             angular_tokens=args.angular_tokens, taylor_mode=args.taylor_mode,
                             gradient_checkpointing=args.gradient_checkpointing, progress=not args.quiet,
                             model_name=args.model, checkpoint=args.checkpoint, every=every)
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         paths = write_scores(scores, out)
         print(f"wrote {', '.join(str(p) for p in paths)}")

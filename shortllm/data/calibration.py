@@ -1,7 +1,7 @@
 """Calibration and evaluation text: named corpora under ``$SHORTLLM_DATA`` and calibration loaders.
 
 The named corpora (``wikitext2``, ``ptb``, ``c4``; row semantics and the hub fallback) live in
-`shortllm.corpora` and are re-exported here. The calibration loader (`calibration_loader`) turns any
+`shortllm.data.corpora`. The calibration loader (`calibration_loader`) turns any
 text source into fixed, seeded batches.
 """
 from __future__ import annotations

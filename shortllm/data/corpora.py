@@ -15,7 +15,6 @@ Formats in ``shared/data/SOURCES.md``:
 
 Without ``$SHORTLLM_DATA``, if the ``datasets`` package is importable, the same corpora come from the
 Hugging Face hub (``c4``: the first 2,000 documents of validation shard 0, not the local sample).
-Every name here is re-exported by `shortllm.data`, the import path users know.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Each reader turns one file under ``$SHORTLLM_DATA`` (formats: ``shared/data/SOURCES.md``) into
 `MCItem`s carrying exactly the (context, continuation) pairs lm-eval-harness 0.4 scores, so the
-evaluator in `shortllm.evaluate` stays task-agnostic. Templates (lm-eval task YAMLs):
+evaluator in `shortllm.evaluation.zero_shot` stays task-agnostic. Templates (lm-eval task YAMLs):
 
 - boolq:  ``"{passage}\\nQuestion: {question}?\\nAnswer:"``, choices ``no``/``yes`` (acc)
 - piqa:   ``"Question: {goal}\\nAnswer:"``, choices ``sol1``/``sol2`` (acc)

@@ -104,7 +104,7 @@ class ZeroShotResult:
 def zeroshot(model: nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, *, limit: Optional[int] = None,
              batch_size: int = 16, progress: bool = True, data_dir=None,
              return_details: bool = False) -> ZeroShotResult:
-    """Zero-shot accuracy, lm-eval-harness 0.4 semantics (prompts: `shortllm.tasks`).
+    """Zero-shot accuracy, lm-eval-harness 0.4 semantics (prompts: `shortllm.data.tasks`).
 
     ``limit`` keeps each task's first N items (file order). The mean averages each task's reported
     metric: acc for BoolQ/PIQA/WinoGrande/ARC-e, acc_norm for HellaSwag/ARC-c/OBQA.

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from shortllm.errors import UnsupportedModelError
+from shortllm.model.layer_config import layer_count, override_hint, per_layer_lists
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers")
 _ATTN_WORDS = ("attn", "attention", "mixer", "mamba", "ssm", "recurrent", "rwkv", "time_mix", "token_mix",
                "linear_attn", "conv", "mixing")
 _MLP_WORDS = ("mlp", "moe", "feed_forward", "feedforward", "ffn", "ff", "expert", "channel_mix", "sparse")
@@ -64,27 +64,6 @@ class Discovery:
     num_layers: int
     block_branches: list[BlockBranches] = field(default_factory=list)
     head_transforms: dict = field(default_factory=dict)
-
-
-def _override_hint(part: str) -> str:
-    return (f"pass it yourself: get_adapter(model, {part}=...) (dotted path from the *ForCausalLM module; "
-            "also blocks=, final_norm=, embeddings=, lm_head=, attn=, mlp=, attn_out=, mlp_out=), or "
-            "shortllm.model.adapters.register(model_type, ArchSpec(...))")
-
-
-def layer_count(cfg) -> tuple[str, int]:
-    """(the config attribute that holds the layer count, its value). Aliases (GPT-2's `num_hidden_layers`
-    -> `n_layer`) resolve to the attribute the config really stores, which is what save_pretrained writes."""
-    amap = getattr(cfg, "attribute_map", {}) or {}
-    for key in LAYER_COUNT_KEYS:
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return amap.get(key, key), v
-    raise UnsupportedModelError(
-        f"model_type={getattr(cfg, 'model_type', '')!r}: the config has no layer count "
-        f"({', '.join(LAYER_COUNT_KEYS)}); "
-        "a multimodal wrapper keeps it in a sub-config (text_config), which discovery does not walk yet; "
-        + _override_hint("blocks"))
 
 
 def _first_tensor(x) -> Optional[torch.Tensor]:
@@ -174,7 +153,7 @@ def _run_trace(model: nn.Module, vocab: int) -> tuple[_Trace, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - any failure of a foreign forward becomes one typed error
         raise UnsupportedModelError(
             f"{type(model).__name__}: the discovery forward (input_ids of shape [1, {_TRACE_LEN}], use_cache=False) "
-            f"failed ({type(e).__name__}: {e}); " + _override_hint("blocks")) from e
+            f"failed ({type(e).__name__}: {e}); " + override_hint("blocks")) from e
     finally:
         trace.remove()
         model.train(was_training)
@@ -198,7 +177,7 @@ def _find_blocks(model: nn.Module, trace: _Trace, L: int) -> str:
                           if isinstance(m, nn.ModuleList)) or "none"
         raise UnsupportedModelError(
             f"{type(model).__name__}: no nn.ModuleList of {L} blocks (the config's layer count) whose blocks each "
-            f"run once, in order (module lists: {found}); " + _override_hint("blocks"))
+            f"run once, in order (module lists: {found}); " + override_hint("blocks"))
     # several qualifying lists (a per-layer list of norms beside the blocks): the blocks hold the most weights
     return max(ok, key=lambda p: sum(x.numel() for x in model.get_submodule(p).parameters()))
 
@@ -227,7 +206,7 @@ def _check_chain(trace: _Trace, blocks: str, L: int) -> None:
             raise UnsupportedModelError(
                 f"blocks at '{blocks}': block {i + 1}'s input is not block {i}'s output, so removing a block "
                 "is not bypassing it (the model transforms the stream between blocks); "
-                + _override_hint("blocks"))
+                + override_hint("blocks"))
 
 
 def _block_branches(model: nn.Module, trace: _Trace, blocks: str, i: int) -> BlockBranches:
@@ -287,7 +266,7 @@ def _check_head(model, trace: _Trace, blocks: str, L: int, final_norm: str, head
     h = trace.outputs.get(f"{blocks}.{L - 1}", [None])[0]
     if h is None or logits is None:
         raise UnsupportedModelError(f"{type(model).__name__}: could not observe the last block's output or the "
-                                    "logits in the discovery forward; " + _override_hint("final_norm"))
+                                    "logits in the discovery forward; " + override_hint("final_norm"))
     with torch.no_grad():
         for p in ((final_norm,) if final_norm else ()) + head_extra:
             h = _first_tensor(model.get_submodule(p)(h))
@@ -302,7 +281,7 @@ def _check_head(model, trace: _Trace, blocks: str, L: int, final_norm: str, head
             f"{type(model).__name__}: the model's logits are not {lm_head}({' -> '.join(head_extra) or ''}"
             f"{final_norm or 'no final norm'}(last block output)) with final_logit_softcapping / logit_scale "
             f"(max difference {diff}): it applies a head transform shortllm does not reproduce, so Taylor and "
-            "PPL would score another model; " + _override_hint("final_norm"))
+            "PPL would score another model; " + override_hint("final_norm"))
 
 
 def _check_base_model(model: nn.Module, trace: _Trace, lm_head: str) -> None:
@@ -326,7 +305,7 @@ def _check_base_model(model: nn.Module, trace: _Trace, lm_head: str) -> None:
     if out is None or head_in is None or out.shape != head_in.shape or not torch.allclose(out, head_in):
         raise UnsupportedModelError(
             f"{type(model).__name__}: the first output of model.base_model ('{path}') is not the input of the LM "
-            f"head ('{lm_head}'), so the scorer's loss would not be the model's; " + _override_hint("final_norm"))
+            f"head ('{lm_head}'), so the scorer's loss would not be the model's; " + override_hint("final_norm"))
 
 
 def discover(model: nn.Module) -> Discovery:
@@ -336,12 +315,12 @@ def discover(model: nn.Module) -> Discovery:
         return hit
     cfg = getattr(model, "config", None)
     if cfg is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no config; " + _override_hint("blocks"))
+        raise UnsupportedModelError(f"{type(model).__name__} has no config; " + override_hint("blocks"))
     key, L = layer_count(cfg)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(head, "weight", None) is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None); "
-                                    "load it with AutoModelForCausalLM, or " + _override_hint("lm_head"))
+                                    "load it with AutoModelForCausalLM, or " + override_hint("lm_head"))
     lm_head = _module_path(model, head)
     vocab = int(head.weight.shape[0])
     trace, logits = _run_trace(model, vocab)
@@ -367,7 +346,7 @@ def discover(model: nn.Module) -> Discovery:
     head_extra = tuple(n for n in after if n != final_norm)
     if final_norm and head_extra and after.index(final_norm) > 0:
         raise UnsupportedModelError(f"{type(model).__name__}: modules {list(head_extra)} run between the last block "
-                                    f"and the final norm '{final_norm}'; " + _override_hint("final_norm"))
+                                    f"and the final norm '{final_norm}'; " + override_hint("final_norm"))
     was_training = model.training
     model.eval()
     try:
@@ -391,42 +370,3 @@ def discover(model: nn.Module) -> Discovery:
     found = Discovery(spec_fields=fields, num_layers=L, block_branches=per_block, head_transforms=transforms)
     _CACHE[model] = found
     return found
-
-
-# config lists of length L that are not one-entry-per-layer facts
-NON_LAYER_LISTS = frozenset({"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
-                             "forced_decoder_ids", "eos_token_id", "bos_token_id", "pad_token_id", "label2id",
-                             "id2label", "tie_word_embeddings"})
-
-
-def _index_list_name(k: str) -> bool:
-    k = k.lower()
-    return (k.endswith("_layers") or "layer_ids" in k or "layers_idx" in k or "layer_idx" in k
-            or "layer_indices" in k or "layers_block_type_idx" in k or k.endswith("_layer_ids"))
-
-
-def index_lists(cfg, L: int) -> list[str]:
-    """Config entries that list layer INDICES (`mlp_only_layers`, attention-layer index lists): non-empty
-    lists of ints in [0, L) under an index-like name. Checked before `per_layer_lists` so that an index
-    list that happens to have L entries is remapped, not filtered."""
-    out = []
-    for k, v in _items(cfg):
-        if (isinstance(v, (list, tuple)) and v and _index_list_name(k)
-                and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < L for x in v)
-                and len(set(v)) == len(v)):
-            out.append(k)
-    return out
-
-
-def per_layer_lists(cfg, L: int) -> tuple[str, ...]:
-    """Config entries holding one value per layer: lists / tuples of length L (sub-configs such as
-    `text_config` and known non-layer lists excluded; index lists excluded, they are remapped instead)."""
-    idx = set(index_lists(cfg, L))
-    return tuple(k for k, v in _items(cfg)
-                 if isinstance(v, (list, tuple)) and len(v) == L and k not in NON_LAYER_LISTS and k not in idx)
-
-
-def _items(cfg):
-    # to_dict() already renders nested sub-configs as dicts, which the list checks skip
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
-    return [(k, v) for k, v in d.items() if not k.startswith("_")]

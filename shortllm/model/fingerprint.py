@@ -40,5 +40,5 @@ def structure_fingerprint(model: nn.Module) -> str:
     """Names and shapes only: identical for the same model in another dtype or device."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)};".encode())
+        h.update(param_key(name, p.shape))
     return h.hexdigest()[:32]

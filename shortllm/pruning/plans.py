@@ -313,7 +313,7 @@ def _check_ratio_reachable(ratio: float, ranking: Sequence[int], order: Sequence
 
 
 def plan_from_search(result, model: nn.Module, scores: Optional[Scores] = None) -> Plan:
-    """A Plan from a `shortllm.search` result: ("block", i) entries become removed blocks, ("attn", i) /
+    """A Plan from a `shortllm.scoring.search` result: ("block", i) entries become removed blocks, ("attn", i) /
     ("mlp", i) removed branches (a block that loses both branches is removed whole)."""
     pairs = list(result.plan)
     blocks = [b for k, b in pairs if k == "block"]

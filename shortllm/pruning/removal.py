@@ -36,7 +36,7 @@ from torch import nn
 
 from shortllm.errors import PlanError, UnsupportedModelError
 from shortllm.model.adapters import get_adapter, resolve
-from shortllm.model.discovery import index_lists, layer_count, per_layer_lists
+from shortllm.model.layer_config import index_lists, layer_count, per_layer_lists
 from shortllm.pruning.plans import Plan
 
 INDEX_ATTRS = ("layer_idx", "layer_id", "layer_number")

@@ -1,7 +1,4 @@
-"""`RetrainConfig` (every knob of a `shortllm.retrain` run, and its LR schedule) and `RetrainResult`.
-
-Both are re-exported by `shortllm.retrain`, the import path users know.
-"""
+"""`RetrainConfig` (every knob of a `shortllm.retrain` run, and its LR schedule) and `RetrainResult`."""
 from __future__ import annotations
 
 import dataclasses

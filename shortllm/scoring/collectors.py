@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from shortllm.errors import CheckpointError, MetricError
+from shortllm.errors import CheckpointError, MetricError, UnsupportedModelError
 from shortllm.ops import cosine_span_stats_, cosine_stats_, taylor_stats_
 from shortllm.scoring.context import BatchContext, RunContext
 
@@ -24,7 +24,6 @@ from shortllm.scoring.context import BatchContext, RunContext
 class Collector:
     metrics: tuple[str, ...] = ()
     needs_grad = False
-    needs_logits = False
 
     def start(self, run: RunContext) -> None: ...
     def begin_batch(self, ctx: BatchContext) -> None: ...
@@ -103,16 +102,12 @@ class CosineCollector(Collector):
         self.sums = DeviceSums(self.acc)
         self.bi_sums = DeviceSums(self.bi_acc) if self.separate_bi else None
         self.ring: dict[int, Tensor] = {}
-        # the batch's masks, copied once per device (not once per block and span)
+        # the batch's masks, copied once per device (not once per block and span); cleared every batch
         self._masks: dict[tuple[int, torch.device], Tensor] = {}
-        self._masks_of: Optional[Tensor] = None
 
-    def _mask_on(self, mask: Tensor, ctx: BatchContext, device: torch.device) -> Tensor:
+    def _mask_on(self, mask: Tensor, device: torch.device) -> Tensor:
         if mask.device == device:
             return mask
-        if self._masks_of is not ctx.valid:  # a new batch: the cached copies belong to the last one
-            self._masks.clear()
-            self._masks_of = ctx.valid
         key = (id(mask), device)
         if key not in self._masks:
             self._masks[key] = mask.to(device)
@@ -132,7 +127,7 @@ class CosineCollector(Collector):
         x_out = h_out.detach().reshape(-1, d)
         dev = x_out.device
         self.ring[j] = h_in.detach().reshape(-1, d)
-        span_mask = self._mask_on(ctx.last if (self.want_angular and self.tokens == "last") else ctx.valid, ctx, dev)
+        span_mask = self._mask_on(ctx.last if (self.want_angular and self.tokens == "last") else ctx.valid, dev)
         acc = self.sums.on(dev)
         spans = self.n_max if self.want_angular else 1
         # every span ending here in one fused call (x_out is read once): span n = i + 1 starts at j - i and
@@ -142,7 +137,7 @@ class CosineCollector(Collector):
         diag = acc.as_strided((k, 3), (s0 - s1, s2), acc.storage_offset() + j * s1)
         cosine_span_stats_([self._ring_on(j - i, dev) for i in range(k)], x_out, span_mask, diag)
         if self.separate_bi:
-            cosine_stats_(self._ring_on(j, dev), x_out, self._mask_on(ctx.valid, ctx, dev), self.bi_sums.on(dev)[j])
+            cosine_stats_(self._ring_on(j, dev), x_out, self._mask_on(ctx.valid, dev), self.bi_sums.on(dev)[j])
         self.ring.pop(j + 1 - spans, None)  # no later span starts there
 
     def _merge(self) -> None:
@@ -153,7 +148,6 @@ class CosineCollector(Collector):
     def end_batch(self, ctx: BatchContext) -> None:
         self.ring.clear()
         self._masks.clear()
-        self._masks_of = None
         self._merge()
 
     def finish(self) -> dict[str, Tensor]:
@@ -188,7 +182,6 @@ def stored_weight(block: torch.nn.Module, name: str, p: Tensor) -> Tensor:
     hook = getattr(block.get_submodule(owner_name) if owner_name else block, "_hf_hook", None)
     weights = getattr(hook, "weights_map", None)
     if weights is None:
-        from shortllm.errors import UnsupportedModelError
         raise UnsupportedModelError(f"block weight {name} is on the meta device and no accelerate offload hook holds "
                                     "its values; load the model with real weights (or a device_map with offload)")
     return weights[leaf]
@@ -251,7 +244,7 @@ class TaylorCollector(Collector):
                 if p.device.type == "meta":  # accelerate swaps in a temporary tensor per forward: no grad lands here
                     raise MetricError(f"taylor needs the gradient of every block weight, but block {i}'s {name} is "
                                       "offloaded by device_map (meta device); load the blocks on a device (no "
-                                      "'cpu'/'disk' offload) or use shortllm.offload.score_checkpoint for Taylor")
+                                      "'cpu'/'disk' offload) or use shortllm.score_checkpoint for Taylor")
                 self.params.append((i, p))
                 self.handles.append(p.register_post_accumulate_grad_hook(self._make_hook(i)))
 

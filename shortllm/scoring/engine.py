@@ -1,7 +1,7 @@
 """The one-pass streaming scorer: `score_fast(model, data, metrics=...) -> Scores`.
 
 One forward (and, for Taylor, one backward) per calibration batch. Block hooks hand (input, output)
-to the collectors of `metrics.py`, which keep float64 per-block sums; gradients are reduced as they
+to the collectors of `collectors.py`, which keep float64 per-block sums; gradients are reduced as they
 are accumulated and freed. The LM head's loss goes through the chunked cross-entropy op, so the
 [N, V] logits never exist. Model weights, `requires_grad` flags, `.grad` and train/eval mode are
 restored afterwards, also on error.
@@ -268,7 +268,8 @@ def score_fast(
     """Score every decoder block of `model` in one streaming pass over `data`.
 
     Args:
-        model: a Hugging Face causal LM (any architecture `shortllm.arch` knows, or pass `adapter=`).
+        model: a Hugging Face causal LM (any architecture `shortllm.model.adapters` knows or discovers, or
+            pass `adapter=`).
         data: iterable of {"input_ids": [B, T], "attention_mask": [B, T]} batches, e.g.
             `shortllm.data.calibration_loader("wikitext2", tokenizer)`.
         metrics: any of "bi", "angular", "taylor", "mag", "ppl" (SPEC §2). Lower score = less important.

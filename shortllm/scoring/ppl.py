@@ -2,7 +2,7 @@
 
 Prefix reuse: the scorer's forward already walks the blocks with the running residual h_i; at block
 i the collector runs only the suffix i+1..L-1 from h_i (each block with its own captured call, see
-`replay.py`), then the final norm and the chunked LM-head cross-entropy. That is L(L-1)/2 block
+`shortllm.model.replay`), then the final norm and the chunked LM-head cross-entropy. That is L(L-1)/2 block
 evaluations plus L heads per batch instead of L(L-1) + L, with at most a few hidden states alive.
 Equal to physically deleting block i (layer list and per-layer config rewritten) to float tolerance.
 

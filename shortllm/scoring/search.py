@@ -6,7 +6,7 @@
   removing a branch makes its residual contribution zero (a forward hook returning zeros); greedy by PPL.
 
 Both reuse prefixes: one walk through the kept blocks per batch and round, and for each candidate at
-block i only blocks i..L-1 are re-run (with their own captured calls, `replay.py`). Ties go to the
+block i only blocks i..L-1 are re-run (with their own captured calls, `shortllm.model.replay`). Ties go to the
 lower block index (and "attn" before "mlp" in the same block).
 """
 from __future__ import annotations
@@ -82,7 +82,8 @@ def candidate_nll(model: nn.Module, adapter: Adapter, batches: Sequence[dict], *
     """Summed token NLL (float64) of every candidate removal on top of the current removals.
 
     Returns (nll [len(candidates)], base_nll (of the current model; NaN unless `want_base`), n_tokens).
-    `head`: "auto", "op" (shortllm.ops.lm_head_nll) or "torch" (row-chunked F.cross_entropy), see `ppl.HeadLoss`.
+    `head`: "auto", "op" (shortllm.ops.lm_head_nll) or "torch" (row-chunked F.cross_entropy), see
+    `shortllm.scoring.ppl.HeadLoss`.
     """
     blocks = adapter.blocks()
     L = len(blocks)
@@ -228,7 +229,8 @@ def subblock(model: nn.Module, data: Iterable[dict], n_remove: int, protect: Seq
 
 
 def to_plan(result: SearchResult, model: nn.Module):
-    """A `shortllm.plan.Plan` (what `shortllm prune` applies) with the search record in `scores_meta["search"]`."""
+    """A `shortllm.pruning.plans.Plan` (what `shortllm prune` applies), the search record in
+    `scores_meta["search"]`."""
     from shortllm.pruning.plans import plan_from_search
 
     plan = plan_from_search(result, model)
