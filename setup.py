@@ -85,7 +85,7 @@ def _extensions():
     exts = [
         Pybind11Extension(
             "shortllm._cpu",
-            sources=[f"{CSRC}/cpu/kernels.cpp", f"{CSRC}/cpu/bindings.cpp"],
+            sources=[f"{CSRC}/cpu/kernels.cpp", f"{CSRC}/cpu/gram.cpp", f"{CSRC}/cpu/bindings.cpp"],
             # 512-bit vectors in the x86-64-v4 clone (GCC defaults to 256 there)
             extra_compile_args=host_flags + ["-fopenmp", "-mprefer-vector-width=512", "-Wno-psabi"]
             if _is_x86() else host_flags + ["-fopenmp"],
@@ -112,7 +112,7 @@ def _extensions():
                 )
             )
             exts[-1].nvcc = nvcc  # type: ignore[attr-defined]
-            exts[-1].cu_sources = [f"{CSRC}/cuda/kernels.cu"]  # type: ignore[attr-defined]
+            exts[-1].cu_sources = [f"{CSRC}/cuda/kernels.cu", f"{CSRC}/cuda/gram.cu"]  # type: ignore[attr-defined]
 
     class ShortllmBuildExt(build_ext):
         """Optional extensions: a failure is reported and skipped unless SHORTLLM_REQUIRE_EXT=1."""

@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "gram.h"
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -64,5 +65,16 @@ PYBIND11_MODULE(_cpu, m) {
       },
       py::arg("m"), py::arg("s"), py::arg("tgt"), py::arg("targets"), py::arg("ignore_index"), py::arg("n"),
       py::arg("nll"), py::arg("lse"), py::call_guard<py::gil_scoped_release>());
-  m.attr("OPS") = py::make_tuple("cosine_stats", "cosine_span_stats", "taylor_stats", "lse_update", "nll_finalize");
+  m.def(
+      "gram_stats",
+      [](uintptr_t x, int64_t sx, uintptr_t y, int64_t sy, int64_t n, int64_t d, int dtype, uintptr_t mask,
+         uintptr_t xtx, uintptr_t xty, int nthreads) {
+        sllm::gram_stats(ptr<const void>(x), sx, ptr<const void>(y), sy, n, d, dtype, ptr<const uint8_t>(mask),
+                         ptr<double>(xtx), ptr<double>(xty), nthreads);
+      },
+      py::arg("x"), py::arg("sx"), py::arg("y"), py::arg("sy"), py::arg("n"), py::arg("d"), py::arg("dtype"),
+      py::arg("mask"), py::arg("xtx"), py::arg("xty"), py::arg("nthreads") = 0,
+      py::call_guard<py::gil_scoped_release>());
+  m.attr("OPS") = py::make_tuple("cosine_stats", "cosine_span_stats", "taylor_stats", "lse_update", "nll_finalize",
+                                  "gram_stats");
 }

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "gram.h"
 #include "launchers.h"
 
 namespace py = pybind11;
@@ -66,5 +67,15 @@ PYBIND11_MODULE(_cuda, m) {
       },
       py::arg("m"), py::arg("s"), py::arg("tgt"), py::arg("targets"), py::arg("ignore_index"), py::arg("n"),
       py::arg("nll"), py::arg("lse"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
-  m.attr("OPS") = py::make_tuple("cosine_stats", "taylor_stats", "lse_update", "nll_finalize");
+  m.def(
+      "gram_stats",
+      [](uintptr_t x, int64_t sx, uintptr_t y, int64_t sy, int64_t n, int64_t d, int dtype, uintptr_t mask,
+         uintptr_t xtx, uintptr_t xty, uintptr_t stream) {
+        check(sllm_cuda::gram_stats(ptr<const void>(x), sx, ptr<const void>(y), sy, n, d, dtype,
+                                    ptr<const uint8_t>(mask), ptr<double>(xtx), ptr<double>(xty), stream),
+              "gram_stats");
+      },
+      py::arg("x"), py::arg("sx"), py::arg("y"), py::arg("sy"), py::arg("n"), py::arg("d"), py::arg("dtype"),
+      py::arg("mask"), py::arg("xtx"), py::arg("xty"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.attr("OPS") = py::make_tuple("cosine_stats", "taylor_stats", "lse_update", "nll_finalize", "gram_stats");
 }

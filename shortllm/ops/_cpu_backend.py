@@ -135,6 +135,24 @@ def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
     return nll, lse
 
 
+def gram(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor, xty: Tensor) -> None:
+    """Tiles of 64 valid rows widened to float64 once, each thread owning fixed output rows (csrc/cpu/gram.cpp):
+    bit-identical for any thread count. The op does 4 D multiply-adds per element read, so the team is sized
+    by N * D^2 (its arithmetic) rather than by the bytes read: a single thread below ~3e7 of them."""
+    if not _cpu_ok(x, y) or x.dtype != y.dtype or xtx.device.type != "cpu" or xty.device.type != "cpu":
+        return _ref("gram")(x, y, mask, xtx, xty)
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    if y.stride(-1) != 1 and y.shape[-1] > 1:
+        y = y.contiguous()
+    if mask is not None:
+        mask = mask.reshape(-1).to(torch.bool).contiguous()
+    n, d = x.shape
+    _cpu.gram_stats(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), n, d, DTYPE_CODES[x.dtype],
+                    0 if mask is None else mask.data_ptr(), xtx.data_ptr(), xty.data_ptr(),
+                    _threads(n * d * d))
+
+
 def _on_cpu(device: torch.device) -> bool:
     return torch.device(device).type == "cpu"
 
@@ -148,4 +166,6 @@ IMPLS: dict[str, Callable] = {
     "taylor_stats:supports": _on_cpu,
     "lm_head_nll_fwd": lm_head_nll_fwd,
     "lm_head_nll_fwd:supports": _on_cpu,
+    "gram": gram,
+    "gram:supports": _on_cpu,
 }

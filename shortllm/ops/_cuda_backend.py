@@ -110,6 +110,27 @@ def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
     return nll, lse
 
 
+def gram(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor, xty: Tensor) -> None:
+    if not _ok(x, y) or x.dtype != y.dtype:
+        return _backend._REF["gram"](x, y, mask, xtx, xty)
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    if y.stride(-1) != 1 and y.shape[-1] > 1:
+        y = y.contiguous()
+    if mask is not None:
+        mask = mask.reshape(-1).to(device=x.device, dtype=torch.bool).contiguous()
+    n, d = x.shape
+    a = xtx if xtx.device == x.device else torch.zeros_like(xtx, device=x.device)
+    b = xty if xty.device == x.device else torch.zeros_like(xty, device=x.device)
+    with _backend.device_guard(x.device):
+        _cuda.gram_stats(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), n, d, DTYPE_CODES[x.dtype],
+                         0 if mask is None else mask.data_ptr(), a.data_ptr(), b.data_ptr(), _stream(x.device))
+    if a is not xtx:
+        xtx.add_(a.to(xtx.device))
+    if b is not xty:
+        xty.add_(b.to(xty.device))
+
+
 def _on_cuda(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
@@ -123,4 +144,6 @@ IMPLS: dict[str, Callable] = {
     "taylor_stats:supports": _on_cuda,
     "lm_head_nll_fwd": lm_head_nll_fwd,
     "lm_head_nll_fwd:supports": _on_cuda,
+    "gram": gram,
+    "gram:supports": _on_cuda,
 }

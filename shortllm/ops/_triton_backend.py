@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..kernels import _jit
 from ..kernels import cross_entropy as _ce
+from ..kernels import gram as _gram
 from ..kernels import reductions as _red
 from . import _backend
 
@@ -121,6 +122,35 @@ def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
     return nll, lse
 
 
+def gram(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor, xty: Tensor) -> None:
+    if not _ok(x, y) or x.dtype != y.dtype:
+        return _backend._REF["gram"](x, y, mask, xtx, xty)
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    if y.stride(-1) != 1 and y.shape[-1] > 1:
+        y = y.contiguous()
+    n, d = x.shape
+    if n == 0 or d == 0:
+        return
+    # the kernel adds into its accumulators: scratch on the inputs' device when they live elsewhere
+    a = xtx if xtx.device == x.device else torch.zeros_like(xtx, device=x.device)
+    b = xty if xty.device == x.device else torch.zeros_like(xty, device=x.device)
+    if x.device.type == "cpu":  # interpreter: few programs, big tiles
+        block_d, block_r = _pow2(d, 16, 128), _pow2(n, 16, 256)
+    else:
+        block_d, block_r = 32, 32
+    grid = (triton.cdiv(d, block_d), triton.cdiv(d, block_d))
+    m = mask.reshape(-1).to(device=x.device, dtype=torch.bool).contiguous().view(torch.uint8) if mask is not None \
+        else a
+    with _backend.device_guard(x.device):
+        _jit.jit(_gram.gram_kernel)[grid](x, y, m, a, b, n, d, x.stride(0), y.stride(0), HAS_MASK=mask is not None,
+                                          BLOCK_R=block_r, BLOCK_D=block_d)
+    if a is not xtx:
+        xtx.add_(a.to(xtx.device))
+    if b is not xty:
+        xty.add_(b.to(xty.device))
+
+
 def _supports(device: torch.device) -> bool:
     t = torch.device(device).type
     return t == "cuda" or (t == "cpu" and _interp())
@@ -135,4 +165,6 @@ IMPLS: dict[str, Callable] = {
     "taylor_stats:supports": _supports,
     "lm_head_nll_fwd": lm_head_nll_fwd,
     "lm_head_nll_fwd:supports": _supports,
+    "gram": gram,
+    "gram:supports": _supports,
 }
