@@ -1,10 +1,44 @@
-"""`shortllm prune MODEL (--scores S --metric M --ratio r | --remove K | --blocks 3,5 | --plan P) -o OUT`."""
+"""`shortllm prune MODEL (--scores S --metric M --ratio r | --remove K | --blocks 3,5 | --plan P) -o OUT`,
+or `--target-params 100M | --target-memory 0.3GB | --target-latency 25ms` (combinable) with --scores/--metric;
+`--heal lstsq|cosine|channel` fits and merges a seam map per removed span on calibration data first."""
 from __future__ import annotations
 
 import argparse
+import re
 
-from shortllm.cli.options import DTYPES, add_device_arg, add_dtype_arg, check_output_dir, check_output_file
+from shortllm.cli.options import (
+    DTYPES,
+    add_data_args,
+    add_device_arg,
+    add_dtype_arg,
+    check_output_dir,
+    check_output_file,
+    load_data,
+    reject_unused,
+)
 from shortllm.errors import UsageError
+
+HEAL_METHODS = ("lstsq", "cosine", "channel")
+_UNITS = {
+    "params": ({"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}, "a count such as 100M, 1.5B, 500K or 135000000"),
+    "memory": ({"gb": 1.0, "mb": 1e-3, "kb": 1e-6, "gib": 2**30 / 1e9, "mib": 2**20 / 1e9, "b": 1e-9},
+               "bytes of parameters such as 0.3GB, 300MB, 0.25GiB or 512MiB"),
+    "latency": ({"ms": 1.0, "s": 1e3, "us": 1e-3}, "a time such as 25ms, 0.5s or 800us"),
+}
+
+
+def parse_target(kind: str, text: str) -> float:
+    """'100M' -> 1e8 params, '0.3GB' -> 0.3 (GB), '25ms' -> 25.0 (ms); UsageError naming the accepted forms."""
+    units, forms = _UNITS[kind]
+    flag = f"--target-{kind}"
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*", text or "")
+    if m is None or m.group(2).lower() not in units:
+        raise UsageError(f"{flag} {text!r} is not understood: give {forms} (units: "
+                         f"{', '.join(u or '(none)' for u in units)})")
+    value = float(m.group(1)) * units[m.group(2).lower()]
+    if not value > 0:
+        raise UsageError(f"{flag} {text!r} must be positive")
+    return value
 
 
 def add_parser(sub) -> None:
@@ -14,11 +48,20 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="built-in name (smollm2-135m), local HF checkpoint dir or hub id")
     p.add_argument("--scores", help="scores JSON from `shortllm score` (needed for --remove/--ratio)")
     p.add_argument("--metric", default=None, help="bi | angular | taylor | mag | ppl (lower = removed first)")
-    g = p.add_mutually_exclusive_group(required=True)
+    g = p.add_mutually_exclusive_group()
     g.add_argument("--ratio", type=float, help="fraction of the parameters to remove, e.g. 0.2")
     g.add_argument("--remove", type=int, help="number of blocks to remove")
     g.add_argument("--blocks", help="explicit 0-based block list, e.g. 3,5,7")
     g.add_argument("--plan", help="a plan JSON (from `shortllm search -o`, `--plan-out`, or Plan.save)")
+    p.add_argument("--target-params", help="budget: at most this many parameters, e.g. 100M (with --scores/--metric)")
+    p.add_argument("--target-memory", help="budget: at most this much parameter memory, e.g. 0.3GB")
+    p.add_argument("--target-latency", help="budget: at most this latency measured here, e.g. 25ms (of one forward "
+                                            "of --batch-size x --seq-len tokens, or one decode step: --latency-phase)")
+    p.add_argument("--latency-phase", choices=("prefill", "decode"), default=None,
+                   help="what --target-latency times (default prefill)")
+    p.add_argument("--heal", choices=HEAL_METHODS, default=None,
+                   help="fit a map per removed span on the calibration data (--data, --samples, ...) and merge it "
+                        "into the block before the cut (training-free healing)")
     p.add_argument("--protect", type=int, nargs=2, metavar=("FIRST", "LAST"), default=None,
                    help="never remove the first/last blocks (default 4 2 for taylor/mag, else 0 0)")
     p.add_argument("--span", action="store_true", help="remove the contiguous span with the lowest angular distance")
@@ -31,6 +74,7 @@ def add_parser(sub) -> None:
                    help="export the fused inference model (load with shortllm.load_fused)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.add_argument("--max-shard-size", default="2GB")
+    add_data_args(p)
     p.set_defaults(func=run)
 
 
@@ -43,6 +87,26 @@ def run(args: argparse.Namespace) -> int:
     from shortllm.pruning.removal import prune
     from shortllm.scoring.scores import Scores
 
+    targets = [args.target_params, args.target_memory, args.target_latency]
+    budget = _budget(args) if any(t is not None for t in targets) else None
+    if budget is not None and any(v is not None for v in (args.ratio, args.remove, args.blocks, args.plan)):
+        raise UsageError("--target-params/--target-memory/--target-latency choose what to remove: drop "
+                         "--ratio/--remove/--blocks/--plan")
+    if budget is None and all(v is None for v in (args.ratio, args.remove, args.blocks, args.plan)):
+        raise UsageError("say what to remove: one of --ratio, --remove, --blocks or --plan, or a budget "
+                         "(--target-params / --target-memory / --target-latency)")
+    if budget is None and args.latency_phase is not None:
+        raise UsageError("--latency-phase applies with --target-latency only; drop it")
+    calib = {"--data": "wikitext2", "--split": None, "--samples": 10, "--seed": 0, "--mode": "random"}
+    timing = {"--seq-len": 128, "--batch-size": 1}
+    if args.heal is None:
+        if budget is None or budget.latency_ms is None:
+            reject_unused(args, "without --heal or --target-latency", {**calib, **timing})
+        else:
+            reject_unused(args, "without --heal (--target-latency uses only --batch-size and --seq-len)", calib)
+    if budget is not None and (args.scores is None or args.metric is None):
+        raise UsageError("--target-params/--target-memory/--target-latency pick blocks by score: give --scores FILE "
+                         "and --metric NAME")
     if args.plan is not None:
         given = [f for f, v in (("--scores", args.scores), ("--metric", args.metric), ("--protect", args.protect),
                                 ("--span", args.span or None)) if v is not None]
@@ -63,9 +127,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         blocks = [int(x) for x in args.blocks.split(",") if x.strip()] if args.blocks else None
         plan = make_plan(scores, args.metric, model=model, remove=args.remove, ratio=args.ratio, blocks=blocks,
-                         protect=args.protect, span=args.span)
+                         protect=args.protect, span=args.span, budget=budget)
     mergekit_text = mergekit_yaml(plan, args.model, config=model.config) if args.mergekit else None
-    prune(model, plan)
+    if args.heal is not None:
+        from shortllm.pruning.healing import heal
+
+        report = heal(model, plan, load_data(args, tok), method=args.heal)
+        print(report.to_markdown(), end="")
+    else:
+        prune(model, plan)
+    if budget is not None:
+        from shortllm.pruning.budget import measured_figures
+
+        plan.budget["measured"] = measured_figures(model, budget)
+        for key, want in plan.budget["targets"].items():
+            print(f"budget {key}: target {want:g}, predicted {plan.budget['predicted'][key]:g}, "
+                  f"measured {plan.budget['measured'][key]:g}")
     out = export(model, args.output, tokenizer=tok, plan=plan, scores=scores, fused=args.fused,
                  overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     if mergekit_text is not None:
@@ -75,3 +152,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"removed blocks {plan.removed} of {plan.num_layers} ({plan.removed_fraction:.1%} of parameters: "
           f"{plan.params_before:,} -> {plan.params_after:,}); wrote {out}")
     return 0
+
+
+def _budget(args: argparse.Namespace):
+    from shortllm.pruning.budget import Budget
+
+    params = None if args.target_params is None else int(round(parse_target("params", args.target_params)))
+    memory = None if args.target_memory is None else parse_target("memory", args.target_memory)
+    latency = None if args.target_latency is None else parse_target("latency", args.target_latency)
+    return Budget(params=params, memory_gb=memory, latency_ms=latency, batch=args.batch_size, seq_len=args.seq_len,
+                  phase=args.latency_phase or "prefill")

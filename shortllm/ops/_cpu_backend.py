@@ -135,12 +135,12 @@ def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
     return nll, lse
 
 
-def gram(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor, xty: Tensor) -> None:
+def gram_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor, xty: Tensor) -> None:
     """Tiles of 64 valid rows widened to float64 once, each thread owning fixed output rows (csrc/cpu/gram.cpp):
     bit-identical for any thread count. The op does 4 D multiply-adds per element read, so the team is sized
     by N * D^2 (its arithmetic) rather than by the bytes read: a single thread below ~3e7 of them."""
     if not _cpu_ok(x, y) or x.dtype != y.dtype or xtx.device.type != "cpu" or xty.device.type != "cpu":
-        return _ref("gram")(x, y, mask, xtx, xty)
+        return _ref("gram_stats")(x, y, mask, xtx, xty)
     if x.stride(-1) != 1 and x.shape[-1] > 1:
         x = x.contiguous()
     if y.stride(-1) != 1 and y.shape[-1] > 1:
@@ -166,6 +166,6 @@ IMPLS: dict[str, Callable] = {
     "taylor_stats:supports": _on_cpu,
     "lm_head_nll_fwd": lm_head_nll_fwd,
     "lm_head_nll_fwd:supports": _on_cpu,
-    "gram": gram,
-    "gram:supports": _on_cpu,
+    "gram_stats": gram_stats,
+    "gram_stats:supports": _on_cpu,
 }

@@ -122,9 +122,9 @@ def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
     return nll, lse
 
 
-def gram(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor, xty: Tensor) -> None:
+def gram_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor, xty: Tensor) -> None:
     if not _ok(x, y) or x.dtype != y.dtype:
-        return _backend._REF["gram"](x, y, mask, xtx, xty)
+        return _backend._REF["gram_stats"](x, y, mask, xtx, xty)
     if x.stride(-1) != 1 and x.shape[-1] > 1:
         x = x.contiguous()
     if y.stride(-1) != 1 and y.shape[-1] > 1:
@@ -165,6 +165,6 @@ IMPLS: dict[str, Callable] = {
     "taylor_stats:supports": _supports,
     "lm_head_nll_fwd": lm_head_nll_fwd,
     "lm_head_nll_fwd:supports": _supports,
-    "gram": gram,
-    "gram:supports": _supports,
+    "gram_stats": gram_stats,
+    "gram_stats:supports": _supports,
 }

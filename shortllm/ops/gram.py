@@ -35,7 +35,7 @@ def _gram_ref_inplace(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor,
     xty.add_(b.to(xty.device))
 
 
-_backend.register_ref("gram", _gram_ref_inplace)
+_backend.register_ref("gram_stats", _gram_ref_inplace)
 
 
 def _check(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor, xty: Tensor) -> None:
@@ -63,7 +63,7 @@ def gram_(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor, xty: Tensor
     if mask is not None:
         # the kernels read the mask through a raw pointer next to x's: it must live on x's device
         mask = mask.reshape(-1).to(device=x.device, dtype=torch.bool).contiguous()
-    _, impl = _backend.select("gram", x.device)
+    _, impl = _backend.select("gram_stats", x.device)
     impl(x, y, mask, xtx, xty)
 
 

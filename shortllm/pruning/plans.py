@@ -73,6 +73,7 @@ class Plan:
     scores_fingerprint: Optional[str] = None
     scores_meta: dict = field(default_factory=dict)
     created: str = ""
+    budget: dict = field(default_factory=dict)  # Budget targets and predicted figures (shortllm.pruning.budget)
 
     def __post_init__(self):
         self.removed = sorted(int(i) for i in self.removed)
@@ -220,7 +221,7 @@ def blocks_for_ratio(ratio: float, order: Sequence[int], block_params: Sequence[
 def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: nn.Module,
               remove: Optional[int] = None, ratio: Optional[float] = None, blocks: Optional[Sequence[int]] = None,
               branches: Optional[Sequence[tuple[str, int]]] = None, protect: Optional[Sequence[int]] = None,
-              span: bool = False) -> Plan:
+              span: bool = False, budget=None) -> Plan:
     """Choose what to remove from `model` (whose `scores` these are) by `metric`.
 
     Exactly one of: `remove=K` blocks, `ratio=r` of the parameters, an explicit `blocks=[...]` list, or
@@ -228,7 +229,16 @@ def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: 
     with `blocks`). `protect=(first, last)` blocks are never removed (default (4, 2) for taylor/mag, else
     (0, 0)). `span=True` removes the contiguous span l .. l+n-1 with the lowest angular distance d(l, n)
     (needs the "angular" matrix; n from `remove`, or from `ratio`). Over-asking raises PlanError.
+    `budget=Budget(params=, memory_gb=, latency_ms=, ...)` instead picks the least important blocks (or, for
+    bi_attn / bi_mlp, branches) by `metric` that meet every target: see shortllm.pruning.budget.
     """
+    if budget is not None:
+        from shortllm.pruning.budget import plan_with_budget
+
+        if any(x is not None for x in (remove, ratio, blocks, branches)) or span:
+            raise PlanError("budget= chooses what to remove: do not also give remove=, ratio=, blocks=, branches= "
+                            "or span=")
+        return plan_with_budget(make_plan, scores, metric, model=model, budget=budget, protect=protect)
     from shortllm.model.adapters import get_adapter
 
     adapter = get_adapter(model)
