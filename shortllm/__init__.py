@@ -25,6 +25,8 @@ _EXPORTS = {
     "load_fused": "shortllm.pruning.fusion",
     "perplexity": "shortllm.evaluation.corpus_ppl",
     "zeroshot": "shortllm.evaluation.zero_shot",
+    "heal": "shortllm.pruning.healing",
+    "Budget": "shortllm.pruning.budget",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
