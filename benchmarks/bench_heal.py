@@ -134,7 +134,8 @@ def _markdown(res: dict) -> str:
     lines += ["", "Gram op (`shortllm.ops.gram_`, [4096, 576] rows, 300 padded, median of 5):", "",
               "| dtype | threads | backend | ms | max abs err vs fp64 ref |", "|---|---|---|---|---|"]
     for g in res["gram"]:
-        lines.append(f"| {g['dtype']} | {g['threads']} | {g['backend']} | {g['ms']:.1f} | {g['max_abs_err_vs_ref']:.2e} |")
+        lines.append(f"| {g['dtype']} | {g['threads']} | {g['backend']} | {g['ms']:.1f} "
+                     f"| {g['max_abs_err_vs_ref']:.2e} |")
     lines += ["", f"Whole run {res['wall_s']:.0f} s with {res['threads']} torch threads, nice 10; load average "
               f"{res['load_average']['start']} at start, {res['load_average']['end']} at end.", "",
               f"_{stamp()}; `python benchmarks/bench_heal.py`._", ""]
