@@ -74,6 +74,19 @@ def test_healing_lowers_its_objective_on_the_calibration_stream(arch, method):
     assert healed.shortllm_plan is plan and healed.shortllm_heal["method"] == method
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma", "phi3", "opt"])
+def test_lstsq_heals_every_other_mergeable_architecture(arch):
+    data = calib(2)
+    target = _outputs(make_tiny(arch, 5, seed=3), data, 2)
+    plan = make_plan(None, model=make_tiny(arch, 5, seed=3), blocks=[2])
+    plain = prune(make_tiny(arch, 5, seed=3), plan)
+    healed = make_tiny(arch, 5, seed=3)
+    fit = heal(healed, plan, data, method="lstsq", progress=False).spans[0]
+    before = _objective("mse", _outputs(plain, data, 1), target)
+    after = _objective("mse", _outputs(healed, data, 1), target)
+    assert after < before and fit.after == pytest.approx(after, rel=1e-4), (arch, before, after, fit)
+
+
 def test_lstsq_map_is_the_normal_equations_solution():
     # with ridge 0 the merged map minimises ||m T - r||^2: compare with torch.linalg.lstsq on the raw rows
     data = calib(2)
