@@ -1,7 +1,7 @@
-// Gram statistics for seam healing (see gram.h). Rows are taken in tiles of kTile valid rows, widened to
-// float64 once per tile (shared by all threads), then each thread owns a fixed set of kRowsOut output rows
-// and adds the tile into them: no two threads write one element, and each element adds its rows in row
-// order, so the sums do not depend on the number of threads. Four output rows per pass reuse each loaded
+// Gram statistics for seam healing (see gram.h). Output rows are cut into chunks of 32, handed out
+// dynamically; a chunk walks all valid rows in tiles of kTile, widened to float64 into the thread's own
+// buffers, and adds each tile into its rows: no two threads write one element, and each element adds its
+// rows in row order, so the sums do not depend on the number of threads. Four output rows per pass reuse each loaded
 // row of the tile four times (the inner loop over j is contiguous and vectorised per ISA clone).
 #include "gram.h"
 
@@ -23,6 +23,7 @@ namespace {
 
 constexpr int64_t kTile = 64;    // valid rows widened per step
 constexpr int64_t kRowsOut = 4;  // output rows one task updates per pass over the tile
+constexpr int64_t kTasksPerChunk = 8;  // tasks (32 output rows) per unit of dynamic scheduling
 
 template <int DT>
 void widen_rows(const char* src, int64_t stride_bytes, const int64_t* rows, int64_t cnt, int64_t d, double* dst) {
@@ -91,22 +92,28 @@ void gram_stats(const void* x, int64_t sx, const void* y, int64_t sy, int64_t n,
     if (mask == nullptr || mask[r]) rows.push_back(r);
   const int64_t nv = static_cast<int64_t>(rows.size());
   if (nv == 0) return;
-  std::vector<double> xt(static_cast<size_t>(kTile * d)), yt(static_cast<size_t>(kTile * d));
   const int64_t tasks = (d + kRowsOut - 1) / kRowsOut;
+  const int64_t chunks = (tasks + kTasksPerChunk - 1) / kTasksPerChunk;
   const int nt = nthreads > 0 ? nthreads : omp_get_max_threads();
 #pragma omp parallel num_threads(nt)
-  for (int64_t t0 = 0; t0 < nv; t0 += kTile) {
-    const int64_t cnt = std::min(kTile, nv - t0);
-#pragma omp single
-    {
-      widen(dtype, x, sx, rows.data() + t0, cnt, d, xt.data());
-      widen(dtype, y, sy, rows.data() + t0, cnt, d, yt.data());
-    }  // implicit barrier: the tile is ready for everyone
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t i0 = task * kRowsOut;
-      tile_update(xt.data(), yt.data(), cnt, d, i0, std::min(kRowsOut, d - i0), xtx, xty);
-    }  // implicit barrier: nobody reads the tile while the next one is widened
+  {
+    // private tiles: a chunk widens every row it needs itself (d / 32 times the O(n d) widening in all, against
+    // O(n d^2) products), so threads never wait on each other until the end, and a descheduled thread on a
+    // shared machine holds up only the chunk it is working on
+    std::vector<double> xt(static_cast<size_t>(kTile * d)), yt(static_cast<size_t>(kTile * d));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t task_end = std::min(tasks, (c + 1) * kTasksPerChunk);
+      for (int64_t t0 = 0; t0 < nv; t0 += kTile) {
+        const int64_t cnt = std::min(kTile, nv - t0);
+        widen(dtype, x, sx, rows.data() + t0, cnt, d, xt.data());
+        widen(dtype, y, sy, rows.data() + t0, cnt, d, yt.data());
+        for (int64_t task = c * kTasksPerChunk; task < task_end; ++task) {
+          const int64_t i0 = task * kRowsOut;
+          tile_update(xt.data(), yt.data(), cnt, d, i0, std::min(kRowsOut, d - i0), xtx, xty);
+        }
+      }
+    }
   }
 }
 
