@@ -148,8 +148,9 @@ def _markdown(res: dict) -> str:
                      f"| {g['max_abs_err_vs_ref']:.2e} |")
     if "gram_stamp" in res:
         g = res["gram_stamp"]
-        lines += ["", f"Gram timings re-measured {g['date']} at commit {g['commit']}{' (dirty tree)' if g['dirty'] else ''}"
-                  f" (`--gram-only`); {g['load_average']['start']} at start, {g['load_average']['end']} at end."]
+        dirty = " (dirty tree)" if g["dirty"] else ""
+        lines += ["", f"Gram timings re-measured {g['date']} at commit {g['commit']}{dirty} (`--gram-only`); "
+                  f"{g['load_average']['start']} at start, {g['load_average']['end']} at end."]
     s = res["stamp"]
     lines += ["", f"Whole run {res['wall_s']:.0f} s with {res['threads']} torch threads, nice 10; "
               f"{res['load_average']['start']} at start, {res['load_average']['end']} at end (a shared machine: the "
