@@ -47,7 +47,8 @@ def ddp_run(spec_path: str) -> None:
         save_file({k: v.contiguous() for k, v in r.model.state_dict().items()}, spec["weights"])
         with open(spec["out"], "w") as f:
             json.dump({"losses": r.losses, "world_size": r.world_size, "steps": r.steps_done,
-                       "tokens_seen": r.tokens_seen}, f)
+                       "tokens_seen": r.tokens_seen, "parallel": r.parallel,
+                       "param_types": sorted({type(p).__name__ for p in r.model.parameters()})}, f)
 
 
 if __name__ == "__main__":

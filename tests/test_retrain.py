@@ -221,7 +221,8 @@ def test_merged_lora_export_matches_peft_logits(arch, tok, toy, tmp_path):
     assert type(loaded).__name__ == type(make_tiny(arch)).__name__
     ids = torch.randint(4, 36, (2, 23), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ref, got, base = peft_model(input_ids=ids).logits, loaded(input_ids=ids).logits, make_tiny(arch)(input_ids=ids).logits
+        ref, got = peft_model(input_ids=ids).logits, loaded(input_ids=ids).logits
+        base = make_tiny(arch)(input_ids=ids).logits
     assert (ref - base).abs().max() > 1e-3, "the adapters changed the model"
     # x(W + BA) vs xW + (xB)A: float32 rounding of a different summation order
     assert (got - ref).abs().max() <= 3e-5, float((got - ref).abs().max())
@@ -283,7 +284,8 @@ def test_two_ddp_ranks_equal_one_process(tok, toy, tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"cfg": {**kw, "micro_batch_size": 2}, "out": str(tmp_path / "ddp.json"),
                                 "weights": str(tmp_path / "ddp.safetensors")}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "retrain_helpers.py"), str(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -153,7 +153,8 @@ class RetrainResult:
     """What a run did. ``model`` is the trained stock transformers model (LoRA merged), not serialised.
 
     ``losses``: the training loss of every optimizer step (token-weighted over the global batch, as the
-    Trainer logs it); ``tokens_seen``: input tokens (padding excluded) over every rank.
+    Trainer logs it); ``tokens_seen``: input tokens (padding excluded) over every rank; ``parallel``:
+    accelerate's distributed type of the run (NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED).
     """
 
     method: str
@@ -167,6 +168,7 @@ class RetrainResult:
     eval_history: list[tuple[int, float]] = field(default_factory=list)
     wall_s: float = 0.0
     world_size: int = 1
+    parallel: str = "NO"
     config: dict = field(default_factory=dict)
     model: Any = field(default=None, repr=False, compare=False)
 

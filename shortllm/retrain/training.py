@@ -259,6 +259,31 @@ def _training_args(cfg: RetrainConfig, steps: int, output_dir: Path, progress: b
         ddp_find_unused_parameters=False, average_tokens_across_devices=True)
 
 
+def _check_parallelism(accelerator, cfg: RetrainConfig) -> None:
+    """A requested FSDP/DeepSpeed run that accelerate turned into plain data parallelism is an error, not a
+    silent fallback: accelerate (1.15) enables them only on accelerators (GPU/XPU/NPU/...), never on CPU."""
+    got = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    for env, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(env, "false").lower() == "true" and got != kind:
+            raise RetrainConfigError(f"The launch asks for {kind} ({env}=true) but accelerate runs {got}: it enables "
+                                     f"{kind} only on GPUs/accelerators, not on CPU. Launch without the {kind} "
+                                     "config (torchrun / accelerate launch with DDP) on CPU.")
+    if got == "FSDP" and cfg.method == "lora":
+        raise RetrainConfigError("LoRA under FSDP is not supported (the adapters are small: use DDP, i.e. "
+                                 "torchrun or accelerate launch without the FSDP config).")
+
+
+def _unsharded(trainer, model: nn.Module) -> nn.Module:
+    """Under FSDP the trained weights are sharded over the ranks: gather the full state (a collective, on
+    every rank) into a plain copy of the model, so the result saves and evaluates as a stock model."""
+    if str(getattr(trainer.accelerator.distributed_type, "value", "")) != "FSDP":
+        return model
+    full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    plain = type(model)(model.config)
+    plain.load_state_dict(full)
+    return plain
+
+
 def prepare_out_dir(out_dir: Optional[str | os.PathLike], resume: bool) -> Optional[Path]:
     if out_dir is None:
         if resume:
@@ -343,8 +368,9 @@ def retrain_model(model: nn.Module, tokenizer, data: RetrainData | str | os.Path
     if teacher is not None:
         if teacher.config.vocab_size != model.config.vocab_size:
             raise RetrainConfigError(f"The teacher's vocabulary ({teacher.config.vocab_size}) differs from the "
-                                     f"student's ({model.config.vocab_size}); distil from the model it was pruned from.")
-        teacher = teacher.to(dev).eval().requires_grad_(False)
+                                     f"student's ({model.config.vocab_size}); distil from the model it was "
+                                     "pruned from.")
+        teacher = teacher.to(dev).eval()  # forward only, under no_grad (forward_loss)
     ppl_before = heldout_ppl(model, heldout, cfg, pad_id) if heldout else None
     scratch = None if root is not None else Path(tempfile.mkdtemp(prefix="shortllm-retrain-"))
     ckdir = (root / "checkpoints") if root is not None else scratch
@@ -358,6 +384,7 @@ def retrain_model(model: nn.Module, tokenizer, data: RetrainData | str | os.Path
                 model=train_model, args=args, train_dataset=stream, eval_dataset=heldout if cfg.eval_every else None,
                 data_collator=lambda ex: collate(ex, pad_id), shortllm_cfg=cfg, teacher=teacher, heldout=heldout,
                 pad_id=pad_id, callbacks=callbacks)
+            _check_parallelism(trainer.accelerator, cfg)
             if not progress:  # without a progress bar the Trainer prints every log line instead
                 from transformers.trainer_callback import PrinterCallback
                 trainer.remove_callback(PrinterCallback)
@@ -365,6 +392,7 @@ def retrain_model(model: nn.Module, tokenizer, data: RetrainData | str | os.Path
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 trainer.train(resume_from_checkpoint=last)
+            train_model = _unsharded(trainer, train_model)
             ok = True
         finally:
             if cfg.method == "lora":
@@ -388,6 +416,7 @@ def retrain_model(model: nn.Module, tokenizer, data: RetrainData | str | os.Path
     return RetrainResult(method=cfg.method, steps_done=done, completed=done >= steps, tokens_seen=seen,
                          target_tokens=targets, losses=losses, ppl_before=ppl_before, ppl_after=ppl_after,
                          eval_history=evals, wall_s=time.perf_counter() - t0, world_size=ws,
+                         parallel=str(getattr(trainer.accelerator.distributed_type, "value", "NO")),
                          config=cfg.to_dict(), model=train_model)
 
 
