@@ -393,3 +393,52 @@ def test_cli_retrain(tok, tmp_path, capsys):
         main(["--debug", "retrain", str(src), "--method", "partial", "--steps", "3", "-o", str(tmp_path / "p")]
              + common)
     assert main(argv + common + ["--resume"]) == 0
+
+
+def test_cli_under_torchrun_two_ranks(tok, tmp_path):
+    """The same command under torchrun (2 CPU ranks, gloo): rank 0 writes OUT; the budget counts both ranks."""
+    src = tmp_path / "tiny"
+    make_tiny("llama").save_pretrained(str(src))
+    tok.save_pretrained(str(src))
+    (tmp_path / "corpus.txt").write_text(toy_corpus(200))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "shortllm.cli.app", "retrain", str(src), "--method", "cpt", "--data", str(tmp_path / "corpus.txt"),
+           "--tokens", "1024", "--batch-size", "2", "--seq-len", "32", "-o", str(tmp_path / "out"), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    report = json.loads((tmp_path / "out" / "retrain.json").read_text())
+    assert report["world_size"] == 2 and report["parallel"] == "MULTI_CPU"
+    assert report["steps_done"] == 1024 // (2 * 2 * 32) and report["tokens_seen"] == 1024
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_smollm2_pruned_kd_and_partial_lower_heldout_ppl(data_dir):
+    """SmolLM2-135M minus blocks 14..26 (34% of the parameters), 4 steps x 2 x 128 PTB-train tokens of KD from
+    the unpruned model and of partial (head + last 2 blocks): each lowers the held-out PPL (numbers printed;
+    measured with 6 steps on a loaded 2-core box: KD 88899 -> 2460 in 102 s, partial 88899 -> 10513 in 59 s)."""
+    import time
+
+    from shortllm.data.corpora import load_corpus_text
+    from shortllm.model.loading import load_model
+    from shortllm.pruning.plans import make_plan
+    from shortllm.pruning.removal import prune
+
+    text = load_corpus_text("ptb", "train", data_dir)[:60_000]
+    numbers = {}
+    teacher, tok = load_model("smollm2-135m")
+    for method, lr in (("kd", 2e-4), ("partial", 2e-4)):
+        model, _ = load_model("smollm2-135m")
+        prune(model, make_plan(None, model=model, blocks=list(range(14, 27))))
+        data = text_data(text, tok, seq_len=128, heldout_fraction=0.2)
+        t0 = time.perf_counter()
+        r = retrain_model(model, tok, data, RetrainConfig(method=method, steps=4, micro_batch_size=2, seq_len=128,
+                                                          lr=lr, warmup_steps=1, eval_max_examples=4),
+                          teacher=teacher if method == "kd" else None, progress=False)
+        numbers[method] = (r.ppl_before, r.ppl_after, time.perf_counter() - t0)
+        assert r.ppl_after < 0.7 * r.ppl_before, (method, r.ppl_before, r.ppl_after)
+    print("\nSmolLM2-135M minus blocks 14-26, held-out PTB-train PPL before -> after (4 steps x 2 x 128 tokens):")
+    for m, (b, a, s) in numbers.items():
+        print(f"  {m}: {b:.1f} -> {a:.1f}  ({s:.1f} s)")
