@@ -330,6 +330,13 @@ def test_errors_are_typed(tok, toy, tmp_path):
         retrain_model(make_tiny("llama"), tok, toy, cfg(), out_dir=tmp_path / "busy", progress=False)
     with pytest.raises(CheckpointError, match="needs out_dir"):
         retrain_model(make_tiny("llama"), tok, toy, cfg(), resume=True, progress=False)
+    retrain_model(make_tiny("llama"), tok, toy, cfg(steps=2, method="cpt"), out_dir=tmp_path / "r", progress=False)
+    with pytest.raises(CheckpointError, match="config differs"):
+        retrain_model(make_tiny("llama"), tok, toy, cfg(steps=3, method="cpt"), out_dir=tmp_path / "r", resume=True,
+                      progress=False)
+    with pytest.raises(CheckpointError, match="model differs"):
+        retrain_model(make_tiny("llama", seed=5), tok, toy, cfg(steps=2, method="cpt"), out_dir=tmp_path / "r",
+                      resume=True, progress=False)
     model = make_tiny("llama")
     before = state(model)
     with pytest.raises(RetrainConfigError, match="not Linear modules"):

@@ -298,6 +298,29 @@ def prepare_out_dir(out_dir: Optional[str | os.PathLike], resume: bool) -> Optio
     return root
 
 
+def _check_run_identity(root: Path, identity: dict) -> None:
+    """``root/run.json`` records what the checkpoints belong to (config, global batch, data and starting
+    weights); a resume with anything else is refused instead of mixing two runs. Rank 0 writes it."""
+    import json
+
+    from shortllm.io.atomic import atomic_write_text
+
+    path = root / "run.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise CheckpointError(f"{path} is unreadable ({e}); delete the run folder or choose a new one.") from e
+        for k, v in identity.items():
+            if old.get(k) != v:
+                raise CheckpointError(f"Cannot resume from {root}: its {k} differs from this run's (checkpoints are "
+                                      f"tied to the starting model, data and config); use the same {k} or a new "
+                                      "output folder.")
+    elif int(os.environ.get("RANK", "0")) == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(identity, indent=1))
+
+
 def _last_checkpoint(ckdir: Path) -> Optional[str]:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -371,6 +394,13 @@ def retrain_model(model: nn.Module, tokenizer, data: RetrainData | str | os.Path
                                      f"student's ({model.config.vocab_size}); distil from the model it was "
                                      "pruned from.")
         teacher = teacher.to(dev).eval()  # forward only, under no_grad (forward_loss)
+    if root is not None:
+        from shortllm.model.fingerprint import weights_fingerprint
+
+        identity = {"config": {k: v for k, v in cfg.to_dict().items() if k != "eval_every"},
+                    "global_batch": stream.length // steps, "data": data.fingerprint(),
+                    "model": weights_fingerprint(model),
+                    "teacher": weights_fingerprint(teacher) if teacher is not None else None}
     ppl_before = heldout_ppl(model, heldout, cfg, pad_id) if heldout else None
     scratch = None if root is not None else Path(tempfile.mkdtemp(prefix="shortllm-retrain-"))
     ckdir = (root / "checkpoints") if root is not None else scratch
@@ -388,6 +418,8 @@ def retrain_model(model: nn.Module, tokenizer, data: RetrainData | str | os.Path
             if not progress:  # without a progress bar the Trainer prints every log line instead
                 from transformers.trainer_callback import PrinterCallback
                 trainer.remove_callback(PrinterCallback)
+            if root is not None:  # checked here, after every early error, so a failed start leaves no folder
+                _check_run_identity(root, identity)
             last = _last_checkpoint(ckdir) if resume else None
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
