@@ -67,6 +67,8 @@ class Knobs:
     retrain_seq_len: int = 128
     retrain_eval_examples: int = 8
     retrain_data: str = "ptb"
+    # cells retrained by the hand-written loop (before transformers' Trainer) do not count as done
+    retrain_engine: str = "transformers.Trainer"
     ratios: tuple = (0.2, 0.35)
     protect_plus: tuple = (4, 2)
     criteria: tuple = CRITERIA

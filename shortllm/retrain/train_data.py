@@ -205,3 +205,58 @@ def load_retrain_data(spec: str | os.PathLike, tokenizer, seq_len: int, heldout_
                         "(ptb, c4, wikitext2).")
     text, source = _corpus_training_text(str(spec), data_dir)
     return text_data(text, tokenizer, seq_len, heldout_fraction, source=source)
+
+
+class StepStream(torch.utils.data.Dataset):
+    """The training examples of a whole run in order: example ``i`` is position ``i % n`` of epoch
+    ``i // n``'s permutation (seeded by ``(seed, epoch)``), for ``steps * global_batch`` positions.
+
+    The Trainer reads it sequentially (``train_sampling_strategy="sequential"``); under data parallelism
+    accelerate hands rank ``r`` the ``r``-th micro-batch of every group of ``world_size``, so the global
+    batch of a step is the same set of examples for any world size with the same global batch size, and
+    a resumed run skips to exactly where it stopped.
+    """
+
+    def __init__(self, data: RetrainData, steps: int, global_batch: int, seed: int):
+        if not data.train:
+            raise DataError("The training split is empty; give more data.")
+        self.examples, self.length, self.seed = data.train, int(steps) * int(global_batch), int(seed)
+        self._perms: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def index(self, i: int) -> int:
+        n = len(self.examples)
+        epoch = i // n
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(n, generator=g).tolist()
+        return self._perms[epoch][i % n]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        return self.examples[self.index(i)]
+
+    def tokens(self, n_positions: int) -> tuple[int, int]:
+        """(input tokens, predicted target tokens) of the first ``n_positions`` examples."""
+        inputs = targets = 0
+        for i in range(min(n_positions, self.length)):
+            ids, labels = self[i]
+            inputs += int(ids.numel())
+            targets += int((labels[1:] != -100).sum())
+        return inputs, targets
+
+
+def collate(examples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> dict:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` and ``shift_labels`` (``labels[:, 1:]``
+    with -100 appended: the target of each position; the Trainer counts these to normalise the loss)."""
+    n = max(int(e[0].numel()) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : x.numel()], labels[i, : y.numel()], mask[i, : x.numel()] = x, y, 1
+    shift = torch.cat([labels[:, 1:], torch.full((len(examples), 1), -100, dtype=torch.long)], 1)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "shift_labels": shift}

@@ -1,19 +1,22 @@
-"""Recover a pruned model: LoRA (through peft) or continued pretraining (full-parameter AdamW).
+"""Recover a pruned model on transformers' `Trainer` (accelerate underneath): LoRA, CPT, KD, partial.
 
-    cfg = RetrainConfig(method="lora", steps=200)
+    cfg = RetrainConfig(method="kd", tokens=2_000_000)
     data = load_retrain_data("ptb", tokenizer, cfg.seq_len)
-    result = retrain_model(model, tokenizer, data, cfg, out_dir="runs/lora")
-    save_retrained(result.model, tokenizer, "pruned-lora")      # a stock transformers checkpoint
+    result = retrain_model(model, tokenizer, data, cfg, out_dir="runs/kd", teacher=unpruned)
+    save_retrained(result.model, tokenizer, "pruned-kd")      # a stock transformers checkpoint
 
-Determinism and resume: the examples of optimizer step ``s`` are a pure function of ``(seed, s)`` (one
-seeded permutation per epoch), the torch RNG used by dropout is re-seeded from ``(seed, s)`` at every
-step inside `torch.random.fork_rng` (the caller's RNG is untouched), and the LR is computed from ``s``.
-A checkpoint therefore needs only the trainable weights, the AdamW state tensors (safetensors) and a
-JSON file of scalars; resuming from step ``k`` gives weights bit-identical to an uninterrupted run on
-the same device and thread settings. Nothing is ever pickled.
+The same call runs in one process or under ``torchrun`` / ``accelerate launch`` (DDP; FSDP and
+DeepSpeed through an accelerate config, see docs/retrain.md): the Trainer owns the loop, the LR
+schedule, gradient accumulation, mixed precision, checkpoints (``out_dir/checkpoints/checkpoint-N``,
+resumed with ``resume=True``) and progress. What shortllm adds:
 
-Checkpoints (format in `shortllm.retrain.checkpoints`) go to ``out_dir/checkpoints/step-NNNNNNNN/``, each
-written to a temp dir and renamed into place, so a killed run leaves only complete checkpoints.
+- the loss never builds [N, V] logits: a pre-hook on the LM head computes it inside the model's forward
+  (so DDP/FSDP see an ordinary forward) from the head's input through the chunked ops
+  `lm_head_nll` / `lm_head_kd`, and hands the head an empty sequence;
+- the loss is the token-weighted mean over the whole global batch (every micro-batch of every rank),
+  so accumulation and data parallelism give the loss and gradient of one big batch;
+- data order is a pure function of the seed (`StepStream`), identical for any world size;
+- the held-out perplexity before and after (and every ``eval_every`` steps) on the same chunked path.
 """
 from __future__ import annotations
 
@@ -21,23 +24,21 @@ import contextlib
 import math
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from shortllm.errors import CheckpointError, DataError, ExportError, NonFiniteError, RetrainConfigError, ShortLLMError
 from shortllm.evaluation.head import head_hidden, lm_head_and_params
 from shortllm.io.atomic import publish_dir, temp_dir_beside
-from shortllm.ops import lm_head_nll
-from shortllm.retrain.checkpoints import checkpoint_dirs, load_checkpoint, model_fingerprint, save_checkpoint
+from shortllm.ops.cross_entropy import lm_head_kd, lm_head_nll
 from shortllm.retrain.config import RetrainConfig, RetrainResult
-from shortllm.retrain.train_data import RetrainData, load_retrain_data
-
-_FORMAT = 1
+from shortllm.retrain.train_data import RetrainData, StepStream, collate, load_retrain_data
 
 
 # ---------------------------------------------------------------- model helpers
@@ -74,95 +75,215 @@ def lora_target_modules(model: nn.Module, leaves: Optional[list[str]] = None) ->
     return names
 
 
-def _collate(examples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int, device) -> dict:
-    n = max(int(e[0].numel()) for e in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        ids[i, : x.numel()], labels[i, : y.numel()], mask[i, : x.numel()] = x, y, 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+def wrap_lora(model: nn.Module, cfg: RetrainConfig) -> nn.Module:
+    """The peft model a LoRA run trains (its adapters' random init is drawn from the current RNG)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model, cfg.lora_target_modules)
+    conv1d = any(type(model.get_submodule(t)).__name__ == "Conv1D" for t in targets)
+    lcfg = LoraConfig(r=cfg.get("lora_r"), lora_alpha=cfg.get("lora_alpha"), lora_dropout=cfg.get("lora_dropout"),
+                      bias="none", target_modules=targets, fan_in_fan_out=conv1d, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft still calls transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lcfg)
 
 
-def _n_targets(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != -100).sum())
+def freeze_for_partial(model: nn.Module, last_k: int) -> list[str]:
+    """Leave only the LM head and the last ``last_k`` blocks trainable; return the trainable names.
+
+    With tied embeddings the head's weight *is* the input embedding, so it trains as well (one tensor)."""
+    blocks = _blocks(model)
+    if last_k > len(blocks):
+        raise RetrainConfigError(f"last_k={last_k} exceeds the model's {len(blocks)} blocks; lower --last-k.")
+    head, _ = lm_head_and_params(model)
+    model.requires_grad_(False)
+    for b in list(blocks)[len(blocks) - last_k:]:
+        b.requires_grad_(True)
+    head.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _nll_sum(model: nn.Module, batch: dict, autocast_dtype) -> torch.Tensor:
-    """Summed token NLL through the one token-NLL path of the package (the chunked `lm_head_nll` op, as
-    scoring and evaluation use it): the model runs up to its LM head's input and the [N, V] logits are
-    never built, in training too (the op has a backward)."""
-    dev = batch["input_ids"].device.type
-    head, hp = lm_head_and_params(model)
-    with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        h = head_hidden(model, batch["input_ids"], batch["attention_mask"], head=head)
-    labels = batch["labels"][:, 1:].reshape(-1)
-    rows = (labels != -100).nonzero()[:, 0]
-    # only the predictions that count go through the head; the head runs in its weight's dtype (fp32 master
-    # weights under bf16 autocast), as the logits' `.float()` did before
-    h = h[:, :-1].reshape(-1, h.shape[-1])[rows].to(hp["weight"].dtype)
-    nll = lm_head_nll(h, hp["weight"], labels[rows], bias=hp["bias"], softcap=hp["softcap"], scale=hp["scale"])
-    return nll.sum(dtype=torch.float32)
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/FSDP (``.module``) and peft (``get_base_model``) wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _teacher_rows(teacher: nn.Module, batch: dict, rows: Tensor) -> tuple[Tensor, dict]:
+    with torch.no_grad():
+        head, hp = lm_head_and_params(teacher)
+        h = head_hidden(teacher, batch["input_ids"], batch["attention_mask"], head=head)
+    return h.reshape(-1, h.shape[-1])[rows], hp
+
+
+def forward_loss(model: nn.Module, batch: dict, cfg: RetrainConfig, teacher: Optional[nn.Module] = None,
+                 method: Optional[str] = None) -> tuple[Tensor, int]:
+    """Summed loss of ``batch`` over its target tokens, and their count; no [N, V] logits are built.
+
+    The model runs its ordinary forward (through any DDP/FSDP/peft wrapper) with a pre-hook on the LM
+    head that computes the loss from the head's input with the chunked ops, inside the forward where
+    FSDP has gathered the head's weight, and then passes the head an empty sequence.
+    ``method`` overrides ``cfg.method`` (held-out evaluation is always plain NLL: ``"nll"``).
+    """
+    method = method or cfg.method
+    targets = batch["shift_labels"].reshape(-1)
+    rows = (targets != -100).nonzero()[:, 0]
+    kd_in = _teacher_rows(teacher, batch, rows) if method == "kd" else None
+    base = _hf_model(model)
+    head, _ = lm_head_and_params(base)
+    box: dict = {}
+
+    def hook(_mod, args, kwargs):
+        h = args[0] if args else next(iter(kwargs.values()))
+        _, hp = lm_head_and_params(base)  # read now: FSDP swaps in the gathered weight for the forward
+        w = hp["weight"]
+        hs = h.reshape(-1, h.shape[-1])[rows].to(w.dtype)  # fp32 master weights under bf16 autocast
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32  # the ops' accumulation dtype
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        alpha = cfg.get("kd_alpha") if method == "kd" else 1.0
+        if alpha > 0:
+            nll = lm_head_nll(hs, w, targets[rows], bias=hp["bias"], softcap=hp["softcap"], scale=hp["scale"])
+            loss = loss + alpha * nll.sum(dtype=acc)
+        if method == "kd":
+            ht, tp = kd_in
+            kd = lm_head_kd(hs, w, ht, tp["weight"], bias=hp["bias"], bias_teacher=tp["bias"],
+                            temperature=cfg.get("kd_temperature"), softcap=hp["softcap"], scale=hp["scale"],
+                            softcap_teacher=tp["softcap"], scale_teacher=tp["scale"])
+            loss = loss + (1.0 - alpha) * kd.sum(dtype=acc)
+        box["loss"] = loss
+        empty = h.narrow(-2, 0, 0)
+        return ((empty,) + tuple(args[1:]), kwargs) if args else ((), {next(iter(kwargs)): empty})
+
+    handle = head.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        handle.remove()
+    if "loss" not in box:
+        raise RetrainConfigError(f"{type(base).__name__}.forward never called its LM head; retraining needs a "
+                                 "*ForCausalLM model.")
+    return box["loss"], int(rows.numel())
 
 
 @torch.no_grad()
-def heldout_ppl(model: nn.Module, examples: list, batch_size: int = 4, pad_id: int = 0,
-                autocast_dtype: Optional[torch.dtype] = None) -> float:
-    """exp(mean NLL over every labelled, predicted token of ``examples``)."""
+def heldout_ppl(model: nn.Module, examples: list, cfg: RetrainConfig, pad_id: int = 0) -> float:
+    """exp(mean NLL over every labelled, predicted token of ``examples``), in micro-batches."""
     if not examples:
         raise DataError("No held-out example to evaluate; raise heldout_fraction above 0.")
     was_training, dev = model.training, next(model.parameters()).device
     model.eval()
     total, n = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = _collate(examples[i: i + batch_size], pad_id, dev)
-        total += float(_nll_sum(model, batch, autocast_dtype))
-        n += _n_targets(batch["labels"])
+    for i in range(0, len(examples), cfg.micro_batch_size):
+        batch = {k: v.to(dev) for k, v in collate(examples[i: i + cfg.micro_batch_size], pad_id).items()}
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+            s, k = forward_loss(model, batch, cfg, method="nll")
+        total, n = total + float(s), n + k
     model.train(was_training)
     if n == 0:
         raise DataError("The held-out examples have no labelled token to predict.")
     return math.exp(total / n)
 
 
-def _step_examples(data: RetrainData, cfg: RetrainConfig, step: int) -> list[list]:
-    # Sample positions of step s are [s*B, (s+1)*B) in an endless stream of seeded per-epoch permutations.
-    n, per_step = len(data.train), cfg.micro_batch_size * cfg.grad_accum
-    out, perms = [], {}
-    for pos in range(step * per_step, (step + 1) * per_step):
-        epoch = pos // n
-        if epoch not in perms:
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            perms[epoch] = torch.randperm(n, generator=g).tolist()
-        out.append(data.train[perms[epoch][pos % n]])
-    return [out[i: i + cfg.micro_batch_size] for i in range(0, per_step, cfg.micro_batch_size)]
+# ---------------------------------------------------------------- the Trainer
+def _trainer_class():
+    from transformers import Trainer, TrainerCallback
+
+    class DropPickledArgs(TrainerCallback):
+        """Checkpoints hold no pickle the resume needs: training_args.bin (a pickled TrainingArguments the
+        Trainer writes but never reads back) is removed; optimizer/scheduler/RNG states stay torch files,
+        which the Trainer loads with weights_only=True."""
+
+        def on_save(self, args, state, control, **kwargs):
+            ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if args.should_save and (ck / "training_args.bin").is_file():
+                (ck / "training_args.bin").unlink()
+
+    class ShortTrainer(Trainer):
+        """`Trainer` with shortllm's chunked loss (no [N, V] logits) and held-out-perplexity evaluation."""
+
+        # the loss below is already normalised over the whole accumulated global batch
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *a, shortllm_cfg: RetrainConfig, teacher=None, heldout=(), pad_id=0, **kw):
+            super().__init__(*a, **kw)
+            self.shortllm_cfg, self.teacher, self.heldout, self.pad_id = shortllm_cfg, teacher, list(heldout), pad_id
+            # makes the Trainer count the target tokens (shift_labels != -100) of every micro-batch of the
+            # optimizer step on every rank and pass the sum as num_items_in_batch (test_retrain checks it)
+            self.model_accepts_loss_kwargs = True
+            self.add_callback(DropPickledArgs())
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if num_items_in_batch is None:
+                raise RetrainConfigError("transformers' Trainer passed no num_items_in_batch; this "
+                                         "transformers release counts tokens differently: pin the tested one "
+                                         "(constraints.txt).")
+            loss_sum, _ = forward_loss(model, inputs, self.shortllm_cfg, self.teacher)
+            if not torch.isfinite(loss_sum):
+                raise NonFiniteError(f"Training loss became {float(loss_sum)} at step {self.state.global_step}; "
+                                     f"lower lr or use dtype='fp32'.")
+            # DDP/FSDP average the ranks' gradients; the loss is a sum over the global batch, so undo the mean
+            loss = loss_sum / num_items_in_batch * self.accelerator.num_processes
+            return (loss, None) if return_outputs else loss
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            ppl = heldout_ppl(self.model, self.heldout, self.shortllm_cfg, self.pad_id)
+            metrics = {f"{metric_key_prefix}_ppl": ppl}
+            self.log(metrics)
+            return metrics
+
+    return ShortTrainer
 
 
-def _checkpointing(model: nn.Module) -> bool:
-    # transformers 5 renamed gradient_* to activation_* (the old names warn); accept both
-    new = hasattr(model, "activation_checkpointing_enable")
-    return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
+def _checkpointing_args(args_cls, on: bool) -> dict:
+    # transformers 5.x renamed gradient_checkpointing to activation_checkpointing (the old name warns)
+    name = "activation" if "activation_checkpointing" in args_cls.__dataclass_fields__ else "gradient"
+    return {f"{name}_checkpointing": on, f"{name}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
 
 
-def _set_checkpointing(model: nn.Module, on: bool) -> None:
-    new = hasattr(model, "activation_checkpointing_enable")
-    if on and new:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+def _training_args(cfg: RetrainConfig, steps: int, output_dir: Path, progress: bool, save: bool, device):
+    from transformers import TrainingArguments
+
+    on_cpu = device.type == "cpu"
+    return TrainingArguments(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.resolved_lr,
+        lr_scheduler_type=cfg.schedule, warmup_steps=cfg.resolved_warmup(steps), weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0, bf16=cfg.dtype == "bf16",
+        **_checkpointing_args(TrainingArguments, cfg.gradient_checkpointing),
+        seed=cfg.seed, train_sampling_strategy="sequential", dataloader_drop_last=False,
+        remove_unused_columns=False, logging_steps=1, logging_strategy="steps", report_to=[],
+        disable_tqdm=not progress, save_strategy="steps" if save else "no", save_steps=max(1, cfg.save_every),
+        save_total_limit=cfg.keep_checkpoints, eval_strategy="steps" if cfg.eval_every else "no",
+        eval_steps=cfg.eval_every or None, use_cpu=on_cpu, ddp_backend="gloo" if on_cpu and world_size() > 1 else None,
+        ddp_find_unused_parameters=False, average_tokens_across_devices=True)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int, dev: torch.device):
-    """A private RNG scope seeded with ``seed``; the caller's CPU (and this CUDA device's) state is restored."""
-    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+def _check_parallelism(accelerator, cfg: RetrainConfig) -> None:
+    """A requested FSDP/DeepSpeed run that accelerate turned into plain data parallelism is an error, not a
+    silent fallback: accelerate (1.15) enables them only on accelerators (GPU/XPU/NPU/...), never on CPU."""
+    got = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    for env, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(env, "false").lower() == "true" and got != kind:
+            raise RetrainConfigError(f"The launch asks for {kind} ({env}=true) but accelerate runs {got}: it enables "
+                                     f"{kind} only on GPUs/accelerators, not on CPU. Launch without the {kind} "
+                                     "config (torchrun / accelerate launch with DDP) on CPU.")
+    if got == "FSDP" and cfg.method == "lora":
+        raise RetrainConfigError("LoRA under FSDP is not supported (the adapters are small: use DDP, i.e. "
+                                 "torchrun or accelerate launch without the FSDP config).")
 
 
-# ---------------------------------------------------------------- training
+def _unsharded(trainer, model: nn.Module) -> nn.Module:
+    """Under FSDP the trained weights are sharded over the ranks: gather the full state (a collective, on
+    every rank) into a plain copy of the model, so the result saves and evaluates as a stock model."""
+    if str(getattr(trainer.accelerator.distributed_type, "value", "")) != "FSDP":
+        return model
+    full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    plain = type(model)(model.config)
+    plain.load_state_dict(full)
+    return plain
+
+
 def prepare_out_dir(out_dir: Optional[str | os.PathLike], resume: bool) -> Optional[Path]:
     if out_dir is None:
         if resume:
@@ -174,35 +295,86 @@ def prepare_out_dir(out_dir: Optional[str | os.PathLike], resume: bool) -> Optio
     if root.exists() and not resume and any(root.iterdir()):
         raise ExportError(f"Output folder {root} already exists and is not empty; pass resume=True (CLI: "
                           "--resume) to continue that run, or choose a new folder.")
-    return root  # created by the first checkpoint, so a run that fails early leaves nothing behind
+    return root
 
 
-def _wrap_lora(model: nn.Module, cfg: RetrainConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+def _check_run_identity(root: Path, identity: dict) -> None:
+    """``root/run.json`` records what the checkpoints belong to (config, global batch, data and starting
+    weights); a resume with anything else is refused instead of mixing two runs. Rank 0 writes it."""
+    import json
 
-    targets = lora_target_modules(model, cfg.lora_target_modules)
-    conv1d = any(type(model.get_submodule(t)).__name__ == "Conv1D" for t in targets)
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=targets, fan_in_fan_out=conv1d, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft still calls transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, lcfg)
+    from shortllm.io.atomic import atomic_write_text
+
+    path = root / "run.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise CheckpointError(f"{path} is unreadable ({e}); delete the run folder or choose a new one.") from e
+        for k, v in identity.items():
+            if old.get(k) != v:
+                raise CheckpointError(f"Cannot resume from {root}: its {k} differs from this run's (checkpoints are "
+                                      f"tied to the starting model, data and config); use the same {k} or a new "
+                                      "output folder.")
+    elif int(os.environ.get("RANK", "0")) == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(identity, indent=1))
+
+
+def _last_checkpoint(ckdir: Path) -> Optional[str]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(ckdir)) if ckdir.is_dir() else None
+
+
+@contextlib.contextmanager
+def _own_rng(seed: int, dev: torch.device):
+    """Seed a private RNG scope; the caller's CPU (and this CUDA device's) RNG state is restored after."""
+    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _prepare_model(model: nn.Module, cfg: RetrainConfig) -> nn.Module:
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        model.float()  # fp32 master weights; bf16 is an autocast compute dtype
+    if cfg.method == "lora":
+        return wrap_lora(model, cfg)
+    if cfg.method == "partial":
+        freeze_for_partial(model, cfg.get("last_k"))
+    else:
+        model.requires_grad_(True)
+    return model
+
+
+def world_size() -> int:
+    """Processes of this run: torchrun / accelerate launch set WORLD_SIZE; 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def retrain_model(model: nn.Module, tokenizer, data: RetrainData | str | os.PathLike,
-            config: Optional[RetrainConfig] = None, out_dir: Optional[str | os.PathLike] = None,
-            resume: bool = False, progress: bool = True, stop_after: Optional[int] = None,
-            data_dir: Optional[str | os.PathLike] = None) -> RetrainResult:
-    """Train ``model`` in place (LoRA: merged back into plain weights at the end) and return a `RetrainResult`.
+                  config: Optional[RetrainConfig] = None, out_dir: Optional[str | os.PathLike] = None,
+                  resume: bool = False, progress: bool = True, teacher: Optional[nn.Module] = None,
+                  data_dir: Optional[str | os.PathLike] = None,
+                  callbacks: Optional[list] = None) -> RetrainResult:
+    """Train ``model`` in place with transformers' Trainer and return a `RetrainResult` (LoRA: merged back
+    into plain weights, so ``result.model`` is a stock transformers model).
 
     ``data``: prepared `RetrainData`, or a spec for `load_retrain_data` (corpus name, file, folder).
-    ``out_dir``: where checkpoints go (every ``save_every`` steps and at the end); it must be new or
-    empty unless ``resume=True``, which continues from its newest checkpoint (or starts fresh if it has
-    none). Resume needs the same starting model (checked by fingerprint), data and config.
-    ``stop_after``: leave after this many optimizer steps in this call (a checkpoint is written if
-    ``out_dir`` is set), for time-sliced jobs; ``result.completed`` tells whether all steps ran.
+    ``teacher``: the model KD distils from (required for ``method="kd"``, refused otherwise); it runs
+    under no_grad in eval mode on the student's device.
+    ``out_dir``: the Trainer's checkpoints go to ``out_dir/checkpoints`` (every ``save_every`` steps);
+    it must be new or empty unless ``resume=True``, which continues from the newest checkpoint (or starts
+    fresh if there is none). ``callbacks``: extra `TrainerCallback`s (e.g. to stop a time-sliced job).
+    Under torchrun every rank calls this with the same arguments.
     """
     cfg = (config or RetrainConfig()).validate()
+    if cfg.method == "kd" and teacher is None:
+        raise RetrainConfigError("method='kd' needs a teacher model (CLI: --teacher PATH|builtin; by default the "
+                                 "unpruned model recorded in the pruned checkpoint's shortllm.json).")
+    if cfg.method != "kd" and teacher is not None:
+        raise RetrainConfigError(f"A teacher applies to method='kd' only, not {cfg.method!r}; drop --teacher.")
     if not isinstance(data, RetrainData):
         data = load_retrain_data(data, tokenizer, cfg.seq_len, cfg.heldout_fraction, data_dir)
     if not data.train:
@@ -211,85 +383,73 @@ def retrain_model(model: nn.Module, tokenizer, data: RetrainData | str | os.Path
     t0 = time.perf_counter()
     pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
                    if t is not None), 0)
-    autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
-    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
-        model.float()  # fp32 master weights; bf16 is an autocast compute dtype here
-    dev = next(model.parameters()).device
+    ws = world_size()
+    steps = cfg.resolved_steps(ws)
+    stream = StepStream(data, steps, cfg.micro_batch_size * cfg.grad_accum * ws, cfg.seed)
     heldout = data.heldout[: cfg.eval_max_examples] if cfg.eval_max_examples else data.heldout
-    identity = {"format": _FORMAT, "config": cfg.to_dict(), "data": data.fingerprint(),
-                "model": model_fingerprint(model)}
+    dev = next(model.parameters()).device
+    if teacher is not None:
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise RetrainConfigError(f"The teacher's vocabulary ({teacher.config.vocab_size}) differs from the "
+                                     f"student's ({model.config.vocab_size}); distil from the model it was "
+                                     "pruned from.")
+        teacher = teacher.to(dev).eval()  # forward only, under no_grad (forward_loss)
+    if root is not None:
+        from shortllm.model.fingerprint import weights_fingerprint
 
-    ckpts = checkpoint_dirs(root) if (root is not None and resume) else []
-    ppl_before = heldout_ppl(model, heldout, cfg.micro_batch_size, pad_id, autocast) if heldout and not ckpts else None
-    if cfg.method == "lora":
-        with _seeded(cfg.seed, dev):  # LoRA A-matrix init is random: make it a function of the seed
-            train_model = _wrap_lora(model, cfg)
-    else:
-        train_model = model
-    was_gc = _checkpointing(model)
-    if cfg.gradient_checkpointing:
-        _set_checkpointing(model, True)
-    params = {n: p for n, p in train_model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.resolved_lr, weight_decay=cfg.weight_decay,
-                            foreach=False)
-    step, tokens, targets, losses, history = 0, 0, 0, [], []
-    completed = ok = False
-    try:
-        if ckpts:
-            state = load_checkpoint(ckpts[-1], params, opt, expect=identity)
-            step, tokens, targets = state["step"], state["tokens_seen"], state["target_tokens"]
-            losses, ppl_before = state["losses"], state["ppl_before"]
-            history = [tuple(x) for x in state["eval_history"]]
-        train_model.train()
-        stop_at = cfg.steps if stop_after is None else min(cfg.steps, step + max(0, int(stop_after)))
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"retrain[{cfg.method}]", disable=not progress, unit="step")
-        while step < stop_at:
-            micro = [_collate(m, pad_id, dev) for m in _step_examples(data, cfg, step)]
-            n_tok = sum(_n_targets(b["labels"]) for b in micro)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr_at(step)
-            loss_sum = 0.0
-            with _seeded(cfg.seed * 1_000_003 + 7919 * step + 1, dev):
-                for b in micro:  # normalise by the step's token count: accumulation == one big batch
-                    loss = _nll_sum(train_model, b, autocast) / max(1, n_tok)
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                    tokens += int(b["attention_mask"].sum())
-            if not math.isfinite(loss_sum):  # before the update, so the weights stay finite
-                raise NonFiniteError(f"Training loss became {loss_sum} at step {step}; lower lr "
-                                     f"(now {cfg.resolved_lr}) or use dtype='fp32'.")
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step, targets = step + 1, targets + n_tok
-            losses.append(loss_sum)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{cfg.lr_at(step - 1):.2e}")
-            if cfg.eval_every and step % cfg.eval_every == 0 and heldout and step < cfg.steps:
-                history.append((step, heldout_ppl(train_model, heldout, cfg.micro_batch_size, pad_id, autocast)))
-                train_model.train()
-            if root is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == stop_at):
-                save_checkpoint(root, step, params, opt, {**identity, "step": step, "tokens_seen": tokens,
-                                 "target_tokens": targets, "losses": losses, "eval_history": history,
-                                 "ppl_before": ppl_before}, cfg.keep_checkpoints)
-        bar.close()
-        completed, ok = step >= cfg.steps, True
-    finally:
-        if cfg.method == "lora":
-            # merge on success/early stop; on an exception only strip the adapters so `model` is unchanged
-            train_model = train_model.merge_and_unload() if ok else train_model.unload()
-        if cfg.gradient_checkpointing and not was_gc:
-            _set_checkpointing(train_model, False)
-        train_model.eval()
-    ppl_after = heldout_ppl(train_model, heldout, cfg.micro_batch_size, pad_id, autocast) if heldout else None
-    if completed and heldout:
-        history.append((step, ppl_after))
-    return RetrainResult(method=cfg.method, steps_done=step, completed=completed, tokens_seen=tokens,
-                         target_tokens=targets, losses=list(losses), ppl_before=ppl_before, ppl_after=ppl_after,
-                         eval_history=history, wall_s=time.perf_counter() - t0, config=cfg.to_dict(),
-                         model=train_model)
+        identity = {"config": {k: v for k, v in cfg.to_dict().items() if k != "eval_every"},
+                    "global_batch": stream.length // steps, "data": data.fingerprint(),
+                    "model": weights_fingerprint(model),
+                    "teacher": weights_fingerprint(teacher) if teacher is not None else None}
+    ppl_before = heldout_ppl(model, heldout, cfg, pad_id) if heldout else None
+    scratch = None if root is not None else Path(tempfile.mkdtemp(prefix="shortllm-retrain-"))
+    ckdir = (root / "checkpoints") if root is not None else scratch
+    ok = False
+    with _own_rng(cfg.seed, dev):  # LoRA's init and the Trainer's set_seed stay out of the caller's RNG
+        train_model = _prepare_model(model, cfg)
+        try:
+            args = _training_args(cfg, steps, ckdir, progress, save=root is not None and cfg.save_every > 0,
+                                  device=dev)
+            trainer = _trainer_class()(
+                model=train_model, args=args, train_dataset=stream, eval_dataset=heldout if cfg.eval_every else None,
+                data_collator=lambda ex: collate(ex, pad_id), shortllm_cfg=cfg, teacher=teacher, heldout=heldout,
+                pad_id=pad_id, callbacks=callbacks)
+            _check_parallelism(trainer.accelerator, cfg)
+            if not progress:  # without a progress bar the Trainer prints every log line instead
+                from transformers.trainer_callback import PrinterCallback
+                trainer.remove_callback(PrinterCallback)
+            if root is not None:  # checked here, after every early error, so a failed start leaves no folder
+                _check_run_identity(root, identity)
+            last = _last_checkpoint(ckdir) if resume else None
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                trainer.train(resume_from_checkpoint=last)
+            train_model = _unsharded(trainer, train_model)
+            ok = True
+        finally:
+            if cfg.method == "lora":
+                # merge on success; on an exception only strip the adapters so `model` is unchanged
+                train_model = train_model.merge_and_unload() if ok else train_model.unload()
+            if cfg.gradient_checkpointing:
+                (getattr(train_model, "activation_checkpointing_disable", None)
+                 or train_model.gradient_checkpointing_disable)()
+            model.requires_grad_(True)
+            train_model.eval()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+    history = trainer.state.log_history
+    losses = [float(h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = sorted({int(h["step"]): float(h["eval_ppl"]) for h in history if "eval_ppl" in h}.items())
+    done = int(trainer.state.global_step)
+    ppl_after = heldout_ppl(train_model, heldout, cfg, pad_id) if heldout else None
+    if heldout and (not evals or evals[-1][0] != done):
+        evals.append((done, ppl_after))
+    seen, targets = stream.tokens(done * stream.length // max(1, steps))
+    return RetrainResult(method=cfg.method, steps_done=done, completed=done >= steps, tokens_seen=seen,
+                         target_tokens=targets, losses=losses, ppl_before=ppl_before, ppl_after=ppl_after,
+                         eval_history=evals, wall_s=time.perf_counter() - t0, world_size=ws,
+                         parallel=str(getattr(trainer.accelerator.distributed_type, "value", "NO")),
+                         config=cfg.to_dict(), model=train_model)
 
 
 def save_retrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -315,4 +475,3 @@ def save_retrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, over
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-

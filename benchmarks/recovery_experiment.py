@@ -1,0 +1,253 @@
+"""Recovery after depth pruning at equal token budgets: none / LoRA / CPT / KD / partial, per criterion and ratio.
+
+Design: criteria {Taylor+, PPL (one-shot), BI, tail} x removal {20 %, 35 % of the parameters} x recovery
+{none, lora, cpt, kd, partial}. Every recovery trains on PTB *train* with the same token budget (``tokens``;
+steps = tokens / (micro-batch x seq_len)), through `shortllm.retrain.training.retrain_model` (transformers'
+Trainer); KD distils from the unpruned model, partial trains the head and the last 2 blocks. Metrics:
+WikiText-2 (test) and PTB (validation) perplexity, LLM-Pruner 128-token protocol (`shortllm.evaluation.
+corpus_ppl`), and the 7-task zero-shot mean (`zero_shot_scores`: the one place to swap the evaluator).
+"tail" is the Gromov et al. baseline: the deepest blocks before the last one (``make_plan(..., blocks=...)``
+unless the scorer offers a "tail" metric).
+
+    python benchmarks/recovery_experiment.py --model smollm2-135m --preset smoke --criteria taylor --ratios 0.2
+
+Each cell is one JSON file under ``--out`` (atomic); a rerun skips finished cells with the same knobs.
+Writes benchmarks/results/recovery_<model>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import stamp, stamp_dict, write_report  # noqa: E402
+
+from shortllm.errors import DataError  # noqa: E402
+from shortllm.io.atomic import atomic_write_text  # noqa: E402
+
+CRITERIA = ("taylor", "ppl", "bi", "tail")
+LABEL = {"taylor": "Taylor+", "ppl": "PPL", "bi": "BI", "tail": "tail", "base": "unpruned"}
+RECOVERIES = ("none", "lora", "cpt", "kd", "partial")
+EVAL_CORPORA = ("wikitext2", "ptb")
+FORMAT = "shortllm.recovery/1"
+
+
+@dataclass
+class Knobs:
+    """Every setting a number depends on; a cell computed with other knobs is recomputed."""
+
+    preset: str = "smoke"
+    calib_corpus: str = "wikitext2"
+    calib_samples: int = 4
+    calib_seq_len: int = 128
+    eval_chunks: Optional[int] = 8
+    zs_limit: Optional[int] = 20
+    tokens: int = 2048
+    micro_batch: int = 2
+    grad_accum: int = 1
+    seq_len: int = 128
+    eval_examples: int = 8
+    last_k: int = 2
+    data: str = "ptb"
+    protect_plus: tuple = (4, 2)
+    seed: int = 0
+
+    def cell_knobs(self, recovery: str) -> dict:
+        d = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "preset"}))
+        if recovery == "none":
+            for k in ("tokens", "micro_batch", "grad_accum", "seq_len", "eval_examples", "last_k", "data"):
+                d.pop(k)
+        return d
+
+
+PRESETS = {
+    # smoke: 16 steps x 2 x 128 tokens per recovery, 8 eval chunks, 20 items per task
+    "smoke": dict(calib_samples=4, eval_chunks=8, zs_limit=20, tokens=16 * 2 * 128, micro_batch=2),
+    # full: 512 steps x 8 x 128 = 524k tokens per recovery, whole eval splits and tasks
+    "full": dict(calib_samples=32, eval_chunks=None, zs_limit=None, tokens=512 * 8 * 128, micro_batch=8,
+                 eval_examples=64),
+}
+
+
+def zero_shot_scores(model, tok, knobs: Knobs, data_dir=None) -> dict:
+    """The 7-task zero-shot evaluation of one model: {"tasks": {name: score}, "mean": float}.
+    The one call to the evaluator (swap in lm-eval here)."""
+    from shortllm.evaluation.zero_shot import zeroshot
+
+    r = zeroshot(model, tok, limit=knobs.zs_limit, progress=False, data_dir=data_dir)
+    return {"tasks": {k: v["score"] for k, v in r.tasks.items()}, "mean": r.mean}
+
+
+def evaluate(model, tok, knobs: Knobs, data_dir=None) -> dict:
+    from shortllm.evaluation.corpus_ppl import perplexity
+
+    out = {}
+    for c in EVAL_CORPORA:
+        out[f"ppl_{c}"] = perplexity(model, tok, c, seq_len=128, max_chunks=knobs.eval_chunks, progress=False,
+                                     data_dir=data_dir).ppl
+    out["zeroshot"] = zero_shot_scores(model, tok, knobs, data_dir)
+    return out
+
+
+def make_plans(model, scores, criteria, ratios, knobs: Knobs) -> dict:
+    from shortllm.model.adapters import get_adapter
+    from shortllm.pruning.plans import blocks_for_ratio, count_params, make_plan
+
+    plans = {}
+    for r in ratios:
+        for c in criteria:
+            if c == "tail" and "tail" not in scores.values:
+                blocks = get_adapter(model).blocks()
+                order = list(range(len(blocks) - 2, -1, -1))  # deepest first, the last block kept
+                k = blocks_for_ratio(float(r), order, [count_params(b) for b in blocks], count_params(model))
+                plans[(c, r)] = make_plan(None, model=model, blocks=order[:k])
+                plans[(c, r)].metric = "tail"
+            else:
+                prot = tuple(knobs.protect_plus) if c == "taylor" else (0, 0)
+                plans[(c, r)] = make_plan(scores, c, model=model, ratio=float(r), protect=prot)
+    return plans
+
+
+def recover(pruned, teacher, tok, rdata, method: str, knobs: Knobs) -> tuple:
+    from shortllm.retrain.config import RetrainConfig
+    from shortllm.retrain.training import retrain_model
+
+    cfg = RetrainConfig(method=method, tokens=knobs.tokens, micro_batch_size=knobs.micro_batch,
+                        grad_accum=knobs.grad_accum, seq_len=knobs.seq_len, eval_max_examples=knobs.eval_examples,
+                        seed=knobs.seed, last_k=knobs.last_k if method == "partial" else None)
+    r = retrain_model(pruned, tok, rdata, cfg, progress=False, teacher=teacher if method == "kd" else None)
+    info = {"steps": r.steps_done, "tokens_seen": r.tokens_seen, "lr": cfg.resolved_lr,
+            "heldout_ppl_before": r.ppl_before, "heldout_ppl_after": r.ppl_after,
+            "first_loss": r.losses[0], "final_loss": r.losses[-1], "train_s": r.wall_s}
+    return r.model.eval(), info
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def run(model, tok, knobs: Knobs, criteria, ratios, recoveries, out: Path, data_dir=None, progress=True,
+        log=print) -> dict:
+    """Compute every missing cell under ``out/cells`` and return {key: cell}."""
+    from shortllm.data.calibration import calibration_loader
+    from shortllm.pruning.removal import prune
+    from shortllm.retrain.train_data import load_retrain_data
+    from shortllm.scoring.engine import score_fast
+
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    model.eval()
+    cells = [("base", None, "none")] + [(c, r, m) for r in ratios for c in criteria for m in recoveries]
+    key = lambda c, r, m: "base" if c == "base" else f"{c}_r{int(round(r * 100)):02d}_{m}"  # noqa: E731
+    todo = [x for x in cells if not ((d := _read(out / "cells" / f"{key(*x)}.json")) and d.get("format") == FORMAT
+                                     and d.get("knobs") == knobs.cell_knobs(x[2]))]
+    log(f"{len(cells) - len(todo)} of {len(cells)} cells already done")
+    plans = rdata = None
+    for c, r, m in tqdm(todo, desc="recovery cells", unit="cell", disable=not progress):
+        t0 = time.perf_counter()
+        cell = {"format": FORMAT, "key": key(c, r, m), "criterion": c, "ratio": r, "recovery": m,
+                "knobs": knobs.cell_knobs(m)}
+        if c == "base":
+            cell.update(evaluate(model, tok, knobs, data_dir))
+        else:
+            if plans is None:
+                calib = calibration_loader(knobs.calib_corpus, tok, n_samples=knobs.calib_samples,
+                                           seq_len=knobs.calib_seq_len, seed=knobs.seed)
+                scores = score_fast(model, calib, metrics=("bi", "taylor", "ppl"), progress=progress)
+                plans = make_plans(model, scores, criteria, ratios, knobs)
+            plan = plans[(c, r)]
+            cell.update(removed=list(plan.removed), removed_fraction=plan.removed_fraction)
+            pruned = prune(model, plan, inplace=False)
+            if m != "none":
+                if rdata is None:
+                    rdata = load_retrain_data(knobs.data, tok, knobs.seq_len, 0.05, data_dir)
+                pruned, cell["retrain"] = recover(pruned, model, tok, rdata, m, knobs)
+            cell.update(evaluate(pruned, tok, knobs, data_dir))
+            del pruned
+        cell["wall_s"] = time.perf_counter() - t0
+        atomic_write_text(out / "cells" / f"{cell['key']}.json", json.dumps(cell, indent=1))
+        log(f"{cell['key']}: wiki2 {cell['ppl_wikitext2']:.2f} ptb {cell['ppl_ptb']:.2f} "
+            f"zs {cell['zeroshot']['mean']:.3f} ({cell['wall_s']:.0f}s)")
+    return {key(*x): d for x in cells if (d := _read(out / "cells" / f"{key(*x)}.json"))
+            and d.get("knobs") == knobs.cell_knobs(x[2])}
+
+
+def markdown(cells: dict, knobs: Knobs, model_name: str, wall_s: float) -> str:
+    steps = -(-knobs.tokens // (knobs.micro_batch * knobs.grad_accum * knobs.seq_len))
+    lines = [f"## Recovery at equal token budgets: {model_name} (`{knobs.preset}` preset)", "",
+             f"_{stamp()}; {wall_s / 60:.1f} min wall for the cells computed in this run._", "",
+             f"Recovery on {knobs.data} train, {knobs.tokens:,} tokens each ({steps} steps x {knobs.micro_batch} x "
+             f"{knobs.seq_len}) through transformers' Trainer; KD from the unpruned model; partial = LM head + last "
+             f"{knobs.last_k} blocks. PPL: 128-token chunks ({knobs.eval_chunks or 'all'} per corpus); zero-shot: "
+             f"7-task mean over {knobs.zs_limit or 'all'} items per task. "
+             "Regenerate: `python benchmarks/recovery_experiment.py --model "
+             f"{model_name} --preset {knobs.preset}`.", "",
+             "| criterion | removed | recovery | WikiText-2 PPL | PTB PPL | 7-task mean "
+             "| held-out PPL before → after |",
+             "|---|---|---|---|---|---|---|"]
+    for c in cells.values():
+        rt = c.get("retrain")
+        ho = f"{rt['heldout_ppl_before']:.1f} → {rt['heldout_ppl_after']:.1f}" if rt else ""
+        removed = ("—" if c["criterion"] == "base"
+                   else f"{100 * c['removed_fraction']:.1f}% ({len(c['removed'])} blocks)")
+        lines.append(f"| {LABEL[c['criterion']]} | {removed} | {c['recovery']} | {c['ppl_wikitext2']:.2f} | "
+                     f"{c['ppl_ptb']:.2f} | {c['zeroshot']['mean']:.3f} | {ho} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="built-in name or local HF checkpoint dir")
+    ap.add_argument("--preset", choices=list(PRESETS), default="smoke")
+    ap.add_argument("--criteria", default=",".join(CRITERIA))
+    ap.add_argument("--ratios", default="0.2,0.35")
+    ap.add_argument("--recoveries", default=",".join(RECOVERIES))
+    ap.add_argument("--out", default=None, help="cell folder (default benchmarks/results/recovery_<model>/)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--data-dir", default=None, help="shared data folder (default $SHORTLLM_DATA)")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.data_dir:
+        os.environ["SHORTLLM_DATA"] = a.data_dir
+    criteria = [c.strip() for c in a.criteria.split(",") if c.strip()]
+    recoveries = [m.strip() for m in a.recoveries.split(",") if m.strip()]
+    bad = sorted(set(criteria) - set(CRITERIA)) + sorted(set(recoveries) - set(RECOVERIES))
+    if bad:
+        raise DataError(f"Unknown criteria/recoveries {bad}; use {CRITERIA} and {RECOVERIES}.")
+    ratios = [float(r) for r in a.ratios.split(",")]
+    knobs = Knobs(preset=a.preset, **PRESETS[a.preset])
+    name = Path(a.model).name if Path(a.model).is_dir() else a.model
+    out = Path(a.out) if a.out else HERE / "results" / f"recovery_{name}"
+    from shortllm.model.loading import load_model
+
+    model, tok = load_model(a.model)
+    t0 = time.perf_counter()
+    log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    cells = run(model, tok, knobs, criteria, ratios, recoveries, out, a.data_dir, progress=not a.quiet, log=log)
+    wall = time.perf_counter() - t0
+    res = HERE / "results"
+    atomic_write_text(res / f"recovery_{name}.json", json.dumps(
+        {"stamp": stamp_dict(), "model": a.model, "knobs": dataclasses.asdict(knobs), "wall_s": wall,
+         "cells": cells}, indent=1))
+    write_report(res / f"recovery_{name}.md", markdown(cells, knobs, name, wall))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
