@@ -194,6 +194,24 @@ def oracle_without(model, block: int):
     return ref
 
 
+# MoE types whose experts are not a routed-experts call (forward(hidden, indices, weights)): no REAP statistics
+NO_EXPERT_STATS = {"jetmoe": "JetMoE's ParallelExperts take (inputs, expert_size) of pre-sorted tokens, not the "
+                             "router's selection"}
+
+
+def check_expert_statistics(model_type: str, model, scores, n_tokens: int) -> None:
+    """Every MoE type (but NO_EXPERT_STATS) gets per-expert statistics from the scoring pass: each MoE layer's
+    counts add up to k routed experts per valid token, with finite, non-negative REAP sums."""
+    if not is_moe(model) or model_type in NO_EXPERT_STATS:
+        assert model_type not in NO_EXPERT_STATS or not scores.experts, f"{model_type}: now has statistics"
+        return
+    assert scores.experts, f"{model_type}: an MoE model without per-expert statistics"
+    for i, d in scores.experts.items():
+        total = float(d["count"].sum())
+        assert total > 0 and total % n_tokens == 0, f"{model_type} layer {i}: {total} routings of {n_tokens} tokens"
+        assert torch.isfinite(d["reap_sum"]).all() and (d["reap_sum"] >= 0).all(), f"{model_type}: {d}"
+
+
 def greedy(model, ids, cache: bool, n: int = 4):
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -217,6 +235,7 @@ def end_to_end(model_type: str, out_dir) -> None:
         assert v.shape == (L,) and torch.isfinite(v).all(), f"{model_type}: {m} = {v}"
     ang = scores.values["angular"]
     assert ang.shape[1] == L and torch.isfinite(ang[0]).all()
+    check_expert_statistics(model_type, model, scores, int(b["attention_mask"].sum()))
     drop = L // 2
     plan = make_plan(None, model=model, blocks=[drop])
     oracle = oracle_without(model, drop)

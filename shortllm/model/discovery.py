@@ -26,6 +26,7 @@ not import `shortllm.model.adapters` (which imports it): it returns plain field 
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -306,6 +307,47 @@ def _check_base_model(model: nn.Module, trace: _Trace, lm_head: str) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__}: the first output of model.base_model ('{path}') is not the input of the LM "
             f"head ('{lm_head}'), so the scorer's loss would not be the model's; " + override_hint("final_norm"))
+
+
+_INDEX_WORDS = ("index", "indices", "selected")
+_WEIGHT_WORDS = ("weight", "score", "prob")
+
+
+def _num_experts(mod: nn.Module) -> int:
+    n = getattr(mod, "num_experts", None)
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        return n
+    lead = {p.shape[0] for p in mod.parameters(recurse=False) if p.dim() == 3}
+    return lead.pop() if len(lead) == 1 else 0
+
+
+def _routed_signature(mod: nn.Module) -> bool:
+    try:
+        params = list(inspect.signature(mod.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return (len(pos) >= 3 and any(w in pos[1].name.lower() for w in _INDEX_WORDS)
+            and any(w in pos[2].name.lower() for w in _WEIGHT_WORDS))
+
+
+def expert_modules(block: nn.Module) -> list[tuple[str, int]]:
+    """(path relative to the block, number of experts) of each routed-experts module of a block: a module that
+    holds the experts (a `num_experts` attribute, or 3-D parameters with one leading entry per expert) and whose
+    forward takes (hidden_states, expert indices, routing weights), the router's top-k selection. That is
+    transformers' interface for Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, gpt-oss and most MoE families,
+    fused 3-D expert weights included; the router itself is whatever produced the selection (its output
+    is seen where the experts receive it, after any top-k renormalisation or scaling). Empty for a dense
+    block, and for MoE layouts that do not route through such a call (Llama-4 scales inputs before its
+    experts; a ModuleList of expert MLPs called one by one)."""
+    out = []
+    for name, mod in block.named_modules():
+        if not name or any(name.startswith(o + ".") for o, _ in out):
+            continue
+        n = _num_experts(mod)
+        if n and _routed_signature(mod):
+            out.append((name, n))
+    return out
 
 
 def discover(model: nn.Module) -> Discovery:
