@@ -218,3 +218,12 @@ def test_router_aux_loss_never_enters_taylor():
     # the aux term would show if it leaked in: far beyond the tolerance of the comparison below
     assert float(((with_aux - ce_only).abs() / ce_only).max()) > 1e-3, (ce_only, with_aux)
     torch.testing.assert_close(s.values["taylor"], ce_only, rtol=1e-4, atol=1e-9)
+
+
+def test_inspect_lists_the_experts_of_each_block(tmp_path, capsys):
+    tiny_moe("gpt_oss").save_pretrained(tmp_path / "m")
+    assert main(["inspect", str(tmp_path / "m"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [b["experts"] for b in out["branches"]] == [[{"path": "mlp.experts", "count": E}]] * 3
+    assert main(["inspect", str(tmp_path / "m")]) == 0
+    assert "experts mlp.experts x4" in capsys.readouterr().out

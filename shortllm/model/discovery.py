@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from shortllm.errors import UnsupportedModelError
-from shortllm.model.layer_config import layer_count, override_hint, per_layer_lists
+from shortllm.model.layer_config import depth_config, layer_count, override_hint, per_layer_lists
 
 _ATTN_WORDS = ("attn", "attention", "mixer", "mamba", "ssm", "recurrent", "rwkv", "time_mix", "token_mix",
                "linear_attn", "conv", "mixing")
@@ -256,10 +256,11 @@ def _out_proj(model: nn.Module, trace: _Trace, block_path: str, branch: str) -> 
     return best
 
 
-def _head_transforms(cfg) -> dict:
+def _head_transforms(cfg, dcfg) -> dict:
     # what Adapter.head_params reproduces: logits = softcap * tanh(scale * (W h + b) / softcap)
-    return {"softcap": float(getattr(cfg, "final_logit_softcapping", None) or 0.0),
-            "scale": float(getattr(cfg, "logit_scale", None) or 1.0)}
+    def get(name):
+        return getattr(cfg, name, None) or getattr(dcfg, name, None)
+    return {"softcap": float(get("final_logit_softcapping") or 0.0), "scale": float(get("logit_scale") or 1.0)}
 
 
 def _check_head(model, trace: _Trace, blocks: str, L: int, final_norm: str, head_extra: tuple, lm_head: str,
@@ -358,7 +359,8 @@ def discover(model: nn.Module) -> Discovery:
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no config; " + override_hint("blocks"))
-    key, L = layer_count(cfg)
+    cfg_path, dcfg = depth_config(cfg)  # a multimodal wrapper's depth lives in its text_config
+    key, L = layer_count(dcfg)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(head, "weight", None) is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None); "
@@ -395,7 +397,7 @@ def discover(model: nn.Module) -> Discovery:
         _check_base_model(model, trace, lm_head)
     finally:
         model.train(was_training)
-    transforms = _head_transforms(cfg)
+    transforms = _head_transforms(cfg, dcfg)
     _check_head(model, trace, blocks, L, final_norm, head_extra, lm_head, logits, transforms)
 
     per_block = [_block_branches(model, trace, blocks, i) for i in range(L)]
@@ -407,7 +409,7 @@ def discover(model: nn.Module) -> Discovery:
     fields = {"blocks": blocks, "embeddings": tuple(before), "final_norm": final_norm, "lm_head": lm_head,
               "attn": common("attn"), "mlp": common("mlp"), "attn_out": common("attn_out"),
               "mlp_out": common("mlp_out"), "head_extra": head_extra, "final_norm_optional": not final_norm,
-              "num_layers_key": key, "per_layer_config": per_layer_lists(cfg, L),
+              "num_layers_key": key, "per_layer_config": per_layer_lists(dcfg, L), "config_path": cfg_path,
               "notes": "discovered from the module tree and one traced forward"}
     found = Discovery(spec_fields=fields, num_layers=L, block_branches=per_block, head_transforms=transforms)
     _CACHE[model] = found

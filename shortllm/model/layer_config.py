@@ -15,6 +15,27 @@ def override_hint(part: str) -> str:
             "shortllm.model.adapters.register(model_type, ArchSpec(...))")
 
 
+SUB_CONFIGS = ("text_config", "language_config", "llm_config", "decoder_config")
+
+
+def depth_config(cfg) -> tuple[str, object]:
+    """(attribute path, config) of the config that holds the decoder's depth: the config itself, or for a
+    multimodal wrapper (Gemma-3, Qwen2.5-VL `...ForConditionalGeneration`) the language model's sub-config
+    (`text_config`), which the language model's modules share, so rewriting it rewrites what they read."""
+    if _has_count(cfg):
+        return "", cfg
+    for name in SUB_CONFIGS:
+        sub = getattr(cfg, name, None)
+        if sub is not None and not isinstance(sub, dict) and _has_count(sub):
+            return name, sub
+    return "", cfg
+
+
+def _has_count(cfg) -> bool:
+    return any(isinstance(getattr(cfg, k, None), int) and not isinstance(getattr(cfg, k), bool)
+               and getattr(cfg, k) > 0 for k in LAYER_COUNT_KEYS)
+
+
 def layer_count(cfg) -> tuple[str, int]:
     """(the config attribute that holds the layer count, its value). Aliases (GPT-2's `num_hidden_layers`
     -> `n_layer`) resolve to the attribute the config really stores, which is what save_pretrained writes."""
@@ -25,8 +46,7 @@ def layer_count(cfg) -> tuple[str, int]:
             return amap.get(key, key), v
     raise UnsupportedModelError(
         f"model_type={getattr(cfg, 'model_type', '')!r}: the config has no layer count "
-        f"({', '.join(LAYER_COUNT_KEYS)}); "
-        "a multimodal wrapper keeps it in a sub-config (text_config), which discovery does not walk yet; "
+        f"({', '.join(LAYER_COUNT_KEYS)}), nor has a sub-config ({', '.join(SUB_CONFIGS)}) that does; "
         + override_hint("blocks"))
 
 

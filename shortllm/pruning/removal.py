@@ -76,6 +76,7 @@ def prune(model: nn.Module, plan: Plan, *, inplace: bool = True, check_weights: 
     parent_path, _, attr = adapter.spec.blocks.rpartition(".")
     parent = resolve(model, parent_path) if parent_path else model
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in kept]))
+    cfg = adapter.depth_config()  # a multimodal wrapper's text_config
     changes = rewrite_config(cfg, plan, adapter.spec.per_layer_config)
     _refresh_module_state(model, cfg)
     model.shortllm_plan = plan
