@@ -78,3 +78,9 @@ def test_remote_code_loads_with_the_opt_in(remote_ckpt, capsys):
     assert main(["inspect", str(remote_ckpt), "--trust-remote-code", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["class"] == "RemoteTinyForCausalLM" and out["source"] == "discovered"
+    # prune takes the same opt-in: without it refused (exit 2, nothing written), with it exported
+    out_dir = remote_ckpt.parent / "pruned"
+    assert main(["prune", str(remote_ckpt), "--blocks", "1", "-o", str(out_dir)]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err and not out_dir.exists()
+    assert main(["prune", str(remote_ckpt), "--blocks", "1", "-o", str(out_dir), "--trust-remote-code"]) == 0
+    assert json.loads((out_dir / "config.json").read_text())["num_hidden_layers"] == 1

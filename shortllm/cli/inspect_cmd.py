@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from shortllm.cli.options import DTYPES, add_device_arg, add_dtype_arg
+from shortllm.cli.options import DTYPES, add_device_arg, add_dtype_arg, add_trust_remote_code_arg
 
 
 def add_parser(sub) -> None:
@@ -15,9 +15,7 @@ def add_parser(sub) -> None:
                                    "discovered from the module tree and one traced forward.")
     p.add_argument("model", help="built-in name (smollm2-135m), local checkpoint dir or hub id")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint's own Python code to run (off by default: it executes code from the "
-                        "checkpoint)")
+    add_trust_remote_code_arg(p)
     add_dtype_arg(p, default="float32")
     add_device_arg(p)
     p.set_defaults(func=run)
