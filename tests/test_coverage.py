@@ -24,6 +24,7 @@ from shortllm.model.layer_config import layer_count
 from shortllm.pruning.plans import make_plan
 from shortllm.pruning.removal import prune
 from shortllm.scoring.engine import score_fast
+from shortllm.scoring.search import iterative, subblock
 
 VOCAB = 128
 LAYERS = 4
@@ -55,10 +56,16 @@ OVERRIDES: dict[str, dict] = {
     "gemma3n_text": {"num_kv_shared_layers": 0},
     "plbart": {"decoder_attention_heads": 4},
     "zaya": {"num_experts_per_tok": 1},
+    # xLSTM's cache allocates square [head_dim, head_dim] states: q/k must be as wide as v for cached generation
+    "xlstm": {"qk_dim_factor": 1.0},
     # hybrids whose default attention layers all lie beyond 4 layers: without one attention block
     # transformers' own cached generation fails; [1, 3] also exercises index-list remapping in prune
     "bamba": {"attn_layer_indices": [1, 3]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"] * 2},
+    # Jamba derives its attention / MoE layers from period + offset (properties, not stored lists): a pattern the
+    # removal of block 2 keeps (attention at 1 of 4, every block MoE); a removal that breaks the pattern is a
+    # PlanError (tests/test_discovery_bad_input.py)
+    "jamba": {"attn_layer_period": 4, "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0},
 }
 
 # type -> why it is not run end to end. Categories (the text before ":") feed benchmarks/coverage_table.py.
@@ -101,10 +108,8 @@ EXCLUDED: dict[str, str] = {
     "modernbert-decoder": "head outside the base model: a dense + norm prediction head runs between "
                           "model.base_model and the decoder, which the scorer's loss would skip",
     "minicpm3": "head transform not reproduced: logits are scaled by a width ratio that head_params does not know",
-    "diffllama": _NOEXPRESS + " (lambda_init from layer_idx)",
-    "jamba": _NOEXPRESS + " (attention / expert layers from attn_layer_period+offset)",
-    "xlstm": _NOEXPRESS + " (not yet diagnosed which constant)",
-    "beam": _NOEXPRESS + " (not yet diagnosed which constant)",
+    "beam": _NOEXPRESS + " (depth-scaled residual: every block scales the residual stream by "
+                          "sqrt((k-1)/k), k = 2 * (layer_idx + 1), so a renumbered block rescales the stream)",
     "gemma4_unified_text": "heterogeneous config: per_layer_config, which prune refuses (PlanError)",
     "recurrent_gemma": "not deep-copyable: weight_norm parameters are not graph leaves (prune(inplace=False) and "
                        "the oracle both deepcopy)",
@@ -295,6 +300,56 @@ def end_to_end(model_type: str, out_dir) -> None:
     torch.testing.assert_close(logits(back, b), got, rtol=1e-5, atol=1e-5)
     ids = b["input_ids"][:1, :5]
     assert torch.equal(greedy(back, ids, True), greedy(back, ids, False)), f"{model_type}: KV cache broken"
+    # PPL and the SLEB search against the physically pruned model: exp(mean NLL) of the oracle's logits
+    ref_ppl = ppl_of(logits(oracle, b), b)
+    torch.testing.assert_close(scores.per_block("ppl")[drop], ref_ppl, rtol=1e-3, atol=0)
+    sleb = iterative(model, [b], 1, progress=False)
+    torch.testing.assert_close(torch.tensor(sleb.candidate_ppl[0][str(drop)], dtype=torch.float64), ref_ppl,
+                               rtol=1e-3, atol=0)
+    assert sleb.order[0] == scores.ranking("ppl")[0], f"{model_type}: SLEB and the ppl metric disagree"
+    if has_branches(ad):
+        check_subblock(model_type, model, b, out_dir)
+
+
+def ppl_of(lg, b) -> torch.Tensor:
+    lg = lg.double()
+    nll = torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), b["input_ids"][:, 1:].reshape(-1))
+    return torch.exp(nll)
+
+
+def has_branches(ad) -> bool:
+    """Every block has an attention and an MLP output projection (removing a branch = zeroing it)."""
+    return not ad.post_norm_blocks and all(ad.attn_out(blk) is not None and ad.mlp_out(blk) is not None
+                                           for blk in ad.blocks())
+
+
+def without_branch(model, kind: str, block: int):
+    """The oracle of a removed branch (BlockPruner): a copy whose branch module contributes zeros."""
+    ref = copy.deepcopy(model)
+    ad = get_adapter(ref)
+    mod = ad.attn(ad.blocks()[block]) if kind == "attn" else ad.mlp(ad.blocks()[block])
+
+    def zero(_m, _a, out):
+        if isinstance(out, tuple):
+            return (torch.zeros_like(out[0]),) + out[1:]
+        return torch.zeros_like(out)
+    mod.register_forward_hook(zero)
+    return ref
+
+
+def check_subblock(model_type: str, model, b, out_dir) -> None:
+    """The sub-block search's first pick, its PPL against the branch-zeroed oracle, and its export."""
+    res = subblock(model, [b], 1, progress=False)
+    kind, blk = res.plan[0]
+    ref = logits(without_branch(model, kind, blk), b)
+    torch.testing.assert_close(torch.tensor(res.ppl_after_each_step[0], dtype=torch.float64), ppl_of(ref, b),
+                               rtol=1e-3, atol=0)
+    pruned = prune(model, make_plan(None, model=model, branches=[(kind, blk)]), inplace=False)
+    torch.testing.assert_close(logits(pruned, b), ref, rtol=1e-5, atol=1e-5)
+    pruned.save_pretrained(f"{out_dir}-branch")
+    loader = tf.AutoModelForCausalLM if model.config.model_type == model_type else type(model)
+    back = loader.from_pretrained(f"{out_dir}-branch", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(back, b), ref, rtol=1e-5, atol=1e-5)
 
 
 COVERED = [t for t in all_types() if t not in EXCLUDED]

@@ -62,3 +62,27 @@ def test_blocks_not_found_names_the_override():
     # the override named there works: the caller points at the blocks it knows
     model.model.layers = torch.nn.ModuleList([model.model.first, model.model.second])
     assert get_adapter(model, blocks="model.layers", final_norm="model.norm").num_layers == 2
+
+
+def test_a_removal_that_breaks_a_derived_layer_pattern_is_refused():
+    """Jamba computes its MoE layers from expert_layer_period/offset (a property, not a stored list): removing
+    block 2 of [dense, MoE, dense, MoE] would make the old block 3 dense in the reloaded model. Refused before
+    the model is touched; a removal that keeps the pattern (the last two blocks) goes through."""
+    from shortllm.errors import PlanError
+    from shortllm.pruning.plans import make_plan
+    from shortllm.pruning.removal import prune
+
+    cfg = tf.JambaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, num_experts=2, num_experts_per_tok=1,
+                         attn_layer_period=2, attn_layer_offset=0, expert_layer_period=2, expert_layer_offset=1,
+                         mamba_d_state=4, mamba_expand=1, mamba_dt_rank=4, use_mamba_kernels=False)
+    torch.manual_seed(0)
+    model = tf.JambaForCausalLM(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PlanError, match="computed from a layer pattern"):
+        prune(model, make_plan(None, model=model, blocks=[2]), inplace=True)
+    assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    pruned = prune(model, make_plan(None, model=model, blocks=[2, 3]), inplace=False)
+    assert pruned.config.layers_block_type == ["attention", "mamba"]
+    assert pruned.config.layers_num_experts == [1, 2]

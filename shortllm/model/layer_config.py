@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from shortllm.errors import UnsupportedModelError
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers", "num_blocks")
 
 
 def override_hint(part: str) -> str:
@@ -87,3 +87,28 @@ def _items(cfg):
     # to_dict() already renders nested sub-configs as dicts, which the list checks skip
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
     return [(k, v) for k, v in d.items() if not k.startswith("_")]
+
+
+def derived_layer_lists(cfg, L: int) -> dict[str, list]:
+    """Per-layer lists a config COMPUTES instead of storing (properties, e.g. Jamba's `layers_block_type` from
+    attn_layer_period/offset): nothing in the saved config.json holds them, so a depth change must leave each of
+    them equal to its kept entries, or the reloaded model builds other blocks. name -> current value."""
+    stored = set(cfg.to_dict()) if hasattr(cfg, "to_dict") else set()
+    out = {}
+    for name in dir(type(cfg)):
+        if name.startswith("_") or name in stored or not isinstance(getattr(type(cfg), name, None), property):
+            continue
+        try:
+            v = getattr(cfg, name)
+        except Exception:  # noqa: BLE001 - a property that cannot be computed for this config is not a layer list
+            continue
+        if isinstance(v, (list, tuple)) and len(v) == L:
+            out[name] = list(v)
+    return out
+
+
+def stored_count_keys(cfg, L: int) -> list[str]:
+    """Every layer-count key the config STORES with value L: some configs keep two (xLSTM's num_hidden_layers
+    and num_blocks, the model reads the second), and a depth change must rewrite all of them."""
+    stored = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg)
+    return [k for k in LAYER_COUNT_KEYS if stored.get(k) == L and not isinstance(stored.get(k), bool)]
