@@ -58,6 +58,7 @@ OVERRIDES: dict[str, dict] = {
     "zaya": {"num_experts_per_tok": 1},
     # xLSTM's cache allocates square [head_dim, head_dim] states: q/k must be as wide as v for cached generation
     "xlstm": {"qk_dim_factor": 1.0},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"] * 2, "num_dense_layers": 1},
     # hybrids whose default attention layers all lie beyond 4 layers: without one attention block
     # transformers' own cached generation fails; [1, 3] also exercises index-list remapping in prune
     "bamba": {"attn_layer_indices": [1, 3]},
@@ -118,7 +119,6 @@ EXCLUDED: dict[str, str] = {
                    "model.base_model (which the scorer runs for the LM head's input) is the causal LM itself",
     "cohere_compass_text": "tiny config does not build: KeyError 'full_attention' inside the model's __init__",
     "dbrx": "tiny config does not build: nested attn_config / ffn_config are not shrunk by the generic kwargs",
-    "lfm2_moe": "tiny config does not build: the model reads a per-layer list the generic kwargs leave None",
     "qwen4_exp_text": "tiny config does not build: sizes the generic kwargs leave None",
     "zamba": "tiny config does not build: its shared-block weight tying expects the default layer layout",
     "zamba2": "tiny config does not build: layer_types has a fixed length of 54",
