@@ -208,7 +208,8 @@ def test_inspect_cli_json_and_text(tmp_path, capsys):
     assert main(["inspect", str(d), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["source"] == "registry" and out["blocks"] == {"path": "model.layers", "count": 3,
-                                                             "config_key": "num_hidden_layers"}
+                                                             "config_key": "num_hidden_layers", "config_path": ""}
+    assert out["branches"][0]["experts"] == []  # a dense block
     assert out["final_norm"] == "model.norm" and len(out["branches"]) == 3
     assert out["branches"][0]["attn_out"] == "self_attn.o_proj"
     assert main(["inspect", str(d)]) == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from shortllm.cli.options import DTYPES, add_device_arg, add_dtype_arg
+from shortllm.cli.options import DTYPES, add_device_arg, add_dtype_arg, add_trust_remote_code_arg
 
 
 def add_parser(sub) -> None:
@@ -15,9 +15,7 @@ def add_parser(sub) -> None:
                                    "discovered from the module tree and one traced forward.")
     p.add_argument("model", help="built-in name (smollm2-135m), local checkpoint dir or hub id")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint's own Python code to run (off by default: it executes code from the "
-                        "checkpoint)")
+    add_trust_remote_code_arg(p)
     add_dtype_arg(p, default="float32")
     add_device_arg(p)
     p.set_defaults(func=run)
@@ -26,7 +24,7 @@ def add_parser(sub) -> None:
 def describe(model) -> dict:
     """Everything `inspect` prints, as plain data."""
     from shortllm.model.adapters import REGISTRY, get_adapter
-    from shortllm.model.discovery import BlockBranches, discover
+    from shortllm.model.discovery import BlockBranches, discover, expert_modules
 
     model_type = getattr(model.config, "model_type", "") or ""
     ad = get_adapter(model)
@@ -44,20 +42,25 @@ def describe(model) -> dict:
     head = ad.head_params()
     return {
         "model_type": model_type, "class": type(model).__name__, "source": source,
-        "blocks": {"path": spec.blocks, "count": ad.num_layers, "config_key": spec.num_layers_key},
+        "blocks": {"path": spec.blocks, "count": ad.num_layers, "config_key": spec.num_layers_key,
+                   "config_path": spec.config_path},
         "embeddings": list(spec.embeddings),
         "final_norm": spec.final_norm if ad.final_norm() is not None else None,
         "head": {"path": spec.lm_head, "extra": list(spec.head_extra), "softcap": head["softcap"],
                  "scale": head["scale"], "bias": head["bias"] is not None},
         "per_layer_config": list(spec.per_layer_config),
         "branches": [{"block": i, "class": b.block_class, "attn": b.attn or None, "attn_out": b.attn_out or None,
-                      "mlp": b.mlp or None, "mlp_out": b.mlp_out or None} for i, b in enumerate(per_block)],
+                      "mlp": b.mlp or None, "mlp_out": b.mlp_out or None,
+                      "experts": [{"path": p, "count": n} for p, n in expert_modules(blk)]}
+                     for i, (b, blk) in enumerate(zip(per_block, ad.blocks()))],
     }
 
 
 def _text(d: dict) -> str:
     lines = [f"{d['class']} (model_type={d['model_type']!r}): {d['source']}",
-             f"blocks      {d['blocks']['path']}  x{d['blocks']['count']}  (config.{d['blocks']['config_key']})",
+             f"blocks      {d['blocks']['path']}  x{d['blocks']['count']}  (config."
+             + (f"{d['blocks']['config_path']}." if d['blocks']['config_path'] else "")
+             + f"{d['blocks']['config_key']})",
              f"embeddings  {', '.join(d['embeddings']) or '-'}",
              f"final norm  {d['final_norm'] or 'none'}",
              f"head        {d['head']['path']}"
@@ -68,7 +71,8 @@ def _text(d: dict) -> str:
     lines.append("block  class  attn (out)  mlp (out); '-' = none, branch removal refused there")
     for b in d["branches"]:
         lines.append(f"{b['block']:>5}  {b['class']}  {b['attn'] or '-'} ({b['attn_out'] or '-'})  "
-                     f"{b['mlp'] or '-'} ({b['mlp_out'] or '-'})")
+                     f"{b['mlp'] or '-'} ({b['mlp_out'] or '-'})"
+                     + "".join(f"  experts {e['path']} x{e['count']}" for e in b["experts"]))
     return "\n".join(lines)
 
 

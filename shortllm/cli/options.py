@@ -113,3 +113,9 @@ def write_scores(scores, out: Path) -> list[Path]:
 def split_list(s: Optional[str], none_is_empty: bool = True) -> list[str]:
     items = [x.strip() for x in (s or "").split(",") if x.strip()]
     return [x for x in items if x.lower() != "none"] if none_is_empty else items
+
+
+def add_trust_remote_code_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint's own Python code to run (off by default: it executes code from the "
+                        "checkpoint)")

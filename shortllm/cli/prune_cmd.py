@@ -11,6 +11,7 @@ from shortllm.cli.options import (
     add_data_args,
     add_device_arg,
     add_dtype_arg,
+    add_trust_remote_code_arg,
     check_output_dir,
     check_output_file,
     load_data,
@@ -75,6 +76,8 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.add_argument("--max-shard-size", default="2GB")
     add_data_args(p)
+
+    add_trust_remote_code_arg(p)
     p.set_defaults(func=run)
 
 
@@ -120,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in (("--mergekit", args.mergekit), ("--plan-out", args.plan_out)):
         if path:
             check_output_file(path, flag)
-    model, tok = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model, tok = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
+                            trust_remote_code=args.trust_remote_code)
     scores = Scores.load(args.scores, model=model) if args.scores else None
     if args.plan is not None:
         plan = Plan.load(args.plan, model=model)

@@ -10,6 +10,7 @@ from shortllm.cli.options import (
     add_data_args,
     add_device_arg,
     add_dtype_arg,
+    add_trust_remote_code_arg,
     check_output_file,
     load_data,
     reject_unused,
@@ -44,6 +45,7 @@ def add_parser(sub) -> None:
     r.add_argument("--checkpoint", default=None, help="directory for resumable scoring state")
     r.add_argument("--every", type=int, default=None, help="write the resumable state every K batches (default 10)")
     sc.add_argument("-q", "--quiet", action="store_true")
+    add_trust_remote_code_arg(sc)
     sc.add_argument("-o", "--output", default="scores.json")
     sc.set_defaults(func=run)
 
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         from shortllm.model.loading import load_model
 
-        model, tok = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
+        model, tok = load_model(args.model, dtype=DTYPES[args.dtype], device=device,
+                                trust_remote_code=args.trust_remote_code)
         every = args.every if args.every is not None else DEFAULT_CHECKPOINT_EVERY
         scores = score_fast(model, load_data(args, tok), metrics=args.metrics, n_max=args.n_max,
                             angular_tokens=args.angular_tokens, taylor_mode=args.taylor_mode,

@@ -44,6 +44,9 @@ class ArchSpec:
     # (post-layer-norm blocks: OPT's do_layer_norm_before)
     pre_norm_flag: str = ""
     num_layers_key: str = "num_hidden_layers"
+    # where in the config the depth entries live: "" (the config itself) or a multimodal wrapper's sub-config
+    # ("text_config"); num_layers_key and per_layer_config are attributes of that config
+    config_path: str = ""
     # config entries that hold one value per layer and must follow a depth change
     per_layer_config: tuple[str, ...] = ()
     # config entries describing per-layer patterns that are not plain lists (handled by prune)
@@ -119,6 +122,13 @@ class Adapter:
     def config(self):
         return self.model.config
 
+    def depth_config(self):
+        """The config holding the layer count and per-layer entries (the text sub-config of a wrapper)."""
+        cfg = self.config
+        for part in filter(None, self.spec.config_path.split(".")):
+            cfg = getattr(cfg, part)
+        return cfg
+
     def blocks(self) -> nn.ModuleList:
         return resolve(self.model, self.spec.blocks)
 
@@ -169,9 +179,9 @@ class Adapter:
     def head_params(self) -> dict:
         """What the chunked cross-entropy needs to reproduce the model's logits exactly."""
         head = self.lm_head()
-        cfg = self.config
-        softcap = getattr(cfg, "final_logit_softcapping", None) or 0.0
-        scale = getattr(cfg, "logit_scale", None) or 1.0
+        cfg, dcfg = self.config, self.depth_config()
+        softcap = getattr(cfg, "final_logit_softcapping", None) or getattr(dcfg, "final_logit_softcapping", None) or 0.0
+        scale = getattr(cfg, "logit_scale", None) or getattr(dcfg, "logit_scale", None) or 1.0
         return {"weight": head.weight, "bias": getattr(head, "bias", None), "softcap": float(softcap),
                 "scale": float(scale)}
 

@@ -26,6 +26,7 @@ not import `shortllm.model.adapters` (which imports it): it returns plain field 
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from shortllm.errors import UnsupportedModelError
-from shortllm.model.layer_config import layer_count, override_hint, per_layer_lists
+from shortllm.model.layer_config import depth_config, layer_count, override_hint, per_layer_lists
 
 _ATTN_WORDS = ("attn", "attention", "mixer", "mamba", "ssm", "recurrent", "rwkv", "time_mix", "token_mix",
                "linear_attn", "conv", "mixing")
@@ -255,10 +256,11 @@ def _out_proj(model: nn.Module, trace: _Trace, block_path: str, branch: str) -> 
     return best
 
 
-def _head_transforms(cfg) -> dict:
+def _head_transforms(cfg, dcfg) -> dict:
     # what Adapter.head_params reproduces: logits = softcap * tanh(scale * (W h + b) / softcap)
-    return {"softcap": float(getattr(cfg, "final_logit_softcapping", None) or 0.0),
-            "scale": float(getattr(cfg, "logit_scale", None) or 1.0)}
+    def get(name):
+        return getattr(cfg, name, None) or getattr(dcfg, name, None)
+    return {"softcap": float(get("final_logit_softcapping") or 0.0), "scale": float(get("logit_scale") or 1.0)}
 
 
 def _check_head(model, trace: _Trace, blocks: str, L: int, final_norm: str, head_extra: tuple, lm_head: str,
@@ -308,6 +310,47 @@ def _check_base_model(model: nn.Module, trace: _Trace, lm_head: str) -> None:
             f"head ('{lm_head}'), so the scorer's loss would not be the model's; " + override_hint("final_norm"))
 
 
+_INDEX_WORDS = ("index", "indices", "selected")
+_WEIGHT_WORDS = ("weight", "score", "prob")
+
+
+def _num_experts(mod: nn.Module) -> int:
+    n = getattr(mod, "num_experts", None)
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        return n
+    lead = {p.shape[0] for p in mod.parameters(recurse=False) if p.dim() == 3}
+    return lead.pop() if len(lead) == 1 else 0
+
+
+def _routed_signature(mod: nn.Module) -> bool:
+    try:
+        params = list(inspect.signature(mod.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return (len(pos) >= 3 and any(w in pos[1].name.lower() for w in _INDEX_WORDS)
+            and any(w in pos[2].name.lower() for w in _WEIGHT_WORDS))
+
+
+def expert_modules(block: nn.Module) -> list[tuple[str, int]]:
+    """(path relative to the block, number of experts) of each routed-experts module of a block: a module that
+    holds the experts (a `num_experts` attribute, or 3-D parameters with one leading entry per expert) and whose
+    forward takes (hidden_states, expert indices, routing weights), the router's top-k selection. That is
+    transformers' interface for Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, gpt-oss and most MoE families,
+    fused 3-D expert weights included; the router itself is whatever produced the selection (its output
+    is seen where the experts receive it, after any top-k renormalisation or scaling). Empty for a dense
+    block, and for MoE layouts that do not route through such a call (Llama-4 scales inputs before its
+    experts; a ModuleList of expert MLPs called one by one)."""
+    out = []
+    for name, mod in block.named_modules():
+        if not name or any(name.startswith(o + ".") for o, _ in out):
+            continue
+        n = _num_experts(mod)
+        if n and _routed_signature(mod):
+            out.append((name, n))
+    return out
+
+
 def discover(model: nn.Module) -> Discovery:
     """Find the decoder blocks, embeddings, final norm, LM head and branches of `model` (cached per model)."""
     hit = _CACHE.get(model)
@@ -316,7 +359,8 @@ def discover(model: nn.Module) -> Discovery:
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no config; " + override_hint("blocks"))
-    key, L = layer_count(cfg)
+    cfg_path, dcfg = depth_config(cfg)  # a multimodal wrapper's depth lives in its text_config
+    key, L = layer_count(dcfg)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(head, "weight", None) is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None); "
@@ -353,7 +397,7 @@ def discover(model: nn.Module) -> Discovery:
         _check_base_model(model, trace, lm_head)
     finally:
         model.train(was_training)
-    transforms = _head_transforms(cfg)
+    transforms = _head_transforms(cfg, dcfg)
     _check_head(model, trace, blocks, L, final_norm, head_extra, lm_head, logits, transforms)
 
     per_block = [_block_branches(model, trace, blocks, i) for i in range(L)]
@@ -365,7 +409,7 @@ def discover(model: nn.Module) -> Discovery:
     fields = {"blocks": blocks, "embeddings": tuple(before), "final_norm": final_norm, "lm_head": lm_head,
               "attn": common("attn"), "mlp": common("mlp"), "attn_out": common("attn_out"),
               "mlp_out": common("mlp_out"), "head_extra": head_extra, "final_norm_optional": not final_norm,
-              "num_layers_key": key, "per_layer_config": per_layer_lists(cfg, L),
+              "num_layers_key": key, "per_layer_config": per_layer_lists(dcfg, L), "config_path": cfg_path,
               "notes": "discovered from the module tree and one traced forward"}
     found = Discovery(spec_fields=fields, num_layers=L, block_branches=per_block, head_transforms=transforms)
     _CACHE[model] = found

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from shortllm.errors import UnsupportedModelError
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers", "num_blocks")
 
 
 def override_hint(part: str) -> str:
@@ -13,6 +13,27 @@ def override_hint(part: str) -> str:
     return (f"pass it yourself: get_adapter(model, {part}=...) (dotted path from the *ForCausalLM module; "
             "also blocks=, final_norm=, embeddings=, lm_head=, attn=, mlp=, attn_out=, mlp_out=), or "
             "shortllm.model.adapters.register(model_type, ArchSpec(...))")
+
+
+SUB_CONFIGS = ("text_config", "language_config", "llm_config", "decoder_config")
+
+
+def depth_config(cfg) -> tuple[str, object]:
+    """(attribute path, config) of the config that holds the decoder's depth: the config itself, or for a
+    multimodal wrapper (Gemma-3, Qwen2.5-VL `...ForConditionalGeneration`) the language model's sub-config
+    (`text_config`), which the language model's modules share, so rewriting it rewrites what they read."""
+    if _has_count(cfg):
+        return "", cfg
+    for name in SUB_CONFIGS:
+        sub = getattr(cfg, name, None)
+        if sub is not None and not isinstance(sub, dict) and _has_count(sub):
+            return name, sub
+    return "", cfg
+
+
+def _has_count(cfg) -> bool:
+    return any(isinstance(getattr(cfg, k, None), int) and not isinstance(getattr(cfg, k), bool)
+               and getattr(cfg, k) > 0 for k in LAYER_COUNT_KEYS)
 
 
 def layer_count(cfg) -> tuple[str, int]:
@@ -25,8 +46,7 @@ def layer_count(cfg) -> tuple[str, int]:
             return amap.get(key, key), v
     raise UnsupportedModelError(
         f"model_type={getattr(cfg, 'model_type', '')!r}: the config has no layer count "
-        f"({', '.join(LAYER_COUNT_KEYS)}); "
-        "a multimodal wrapper keeps it in a sub-config (text_config), which discovery does not walk yet; "
+        f"({', '.join(LAYER_COUNT_KEYS)}), nor has a sub-config ({', '.join(SUB_CONFIGS)}) that does; "
         + override_hint("blocks"))
 
 
@@ -67,3 +87,28 @@ def _items(cfg):
     # to_dict() already renders nested sub-configs as dicts, which the list checks skip
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
     return [(k, v) for k, v in d.items() if not k.startswith("_")]
+
+
+def derived_layer_lists(cfg, L: int) -> dict[str, list]:
+    """Per-layer lists a config COMPUTES instead of storing (properties, e.g. Jamba's `layers_block_type` from
+    attn_layer_period/offset): nothing in the saved config.json holds them, so a depth change must leave each of
+    them equal to its kept entries, or the reloaded model builds other blocks. name -> current value."""
+    stored = set(cfg.to_dict()) if hasattr(cfg, "to_dict") else set()
+    out = {}
+    for name in dir(type(cfg)):
+        if name.startswith("_") or name in stored or not isinstance(getattr(type(cfg), name, None), property):
+            continue
+        try:
+            v = getattr(cfg, name)
+        except Exception:  # noqa: BLE001 - a property that cannot be computed for this config is not a layer list
+            continue
+        if isinstance(v, (list, tuple)) and len(v) == L:
+            out[name] = list(v)
+    return out
+
+
+def stored_count_keys(cfg, L: int) -> list[str]:
+    """Every layer-count key the config STORES with value L: some configs keep two (xLSTM's num_hidden_layers
+    and num_blocks, the model reads the second), and a depth change must rewrite all of them."""
+    stored = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg)
+    return [k for k in LAYER_COUNT_KEYS if stored.get(k) == L and not isinstance(stored.get(k), bool)]

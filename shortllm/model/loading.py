@@ -205,6 +205,8 @@ def load_model(name_or_path: str = "smollm2-135m", *, dtype: torch.dtype = torch
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # a checkpoint's own code runs only on an explicit opt-in; transformers' default (None) would ask on stdin
+    from_pretrained_kwargs["trust_remote_code"] = bool(from_pretrained_kwargs.get("trust_remote_code", False))
     key = _builtin_key(name_or_path)
     if key is not None and not Path(str(name_or_path)).expanduser().is_dir():
         path = builtin_checkpoint(key, cache_dir)
@@ -236,10 +238,16 @@ def load_model(name_or_path: str = "smollm2-135m", *, dtype: torch.dtype = torch
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **from_pretrained_kwargs)
     except (OSError, ValueError, KeyError) as e:
+        if "trust_remote_code" in str(e) and not from_pretrained_kwargs["trust_remote_code"]:
+            raise ModelLoadError(
+                f"{name_or_path!r} needs custom code from its repository (config.json 'auto_map'), which shortllm "
+                "never runs by default; if you trust that code, pass trust_remote_code=True "
+                "(load_model(..., trust_remote_code=True); CLI: --trust-remote-code)") from e
         raise ModelLoadError(f"Could not load model {name_or_path!r} ({type(e).__name__}: {e}); {hint}.") from e
     try:
         tok = AutoTokenizer.from_pretrained(
-            src, **({"local_files_only": True} if from_pretrained_kwargs.get("local_files_only") else {}))
+            src, trust_remote_code=from_pretrained_kwargs["trust_remote_code"],
+            **({"local_files_only": True} if from_pretrained_kwargs.get("local_files_only") else {}))
     except (OSError, ValueError, KeyError, TypeError):
         tok = None  # a bare weights dir (e.g. a tiny test model) is still usable with pre-tokenised data
     return _finish(model, tok, dtype, device)

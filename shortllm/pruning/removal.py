@@ -30,13 +30,20 @@ normalises the residual stream, with an UnsupportedModelError.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
 
 from shortllm.errors import PlanError, UnsupportedModelError
 from shortllm.model.adapters import get_adapter, resolve
-from shortllm.model.layer_config import index_lists, layer_count, per_layer_lists
+from shortllm.model.layer_config import (
+    derived_layer_lists,
+    index_lists,
+    layer_count,
+    per_layer_lists,
+    stored_count_keys,
+)
 from shortllm.pruning.plans import Plan
 
 INDEX_ATTRS = ("layer_idx", "layer_id", "layer_number")
@@ -60,6 +67,7 @@ def prune(model: nn.Module, plan: Plan, *, inplace: bool = True, check_weights: 
                         "prune a homogeneous model")
     if plan.removed_branches:
         get_adapter(model).refuse_branch_removal()  # before anything is copied or changed
+    _refuse_inexpressible(get_adapter(model).depth_config(), plan)
     if not inplace:
         model = copy.deepcopy(model)
         cfg = model.config
@@ -76,11 +84,29 @@ def prune(model: nn.Module, plan: Plan, *, inplace: bool = True, check_weights: 
     parent_path, _, attr = adapter.spec.blocks.rpartition(".")
     parent = resolve(model, parent_path) if parent_path else model
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in kept]))
+    cfg = adapter.depth_config()  # a multimodal wrapper's text_config
     changes = rewrite_config(cfg, plan, adapter.spec.per_layer_config)
     _refresh_module_state(model, cfg)
     model.shortllm_plan = plan
     model.shortllm_config_changes = changes
     return model
+
+
+def _refuse_inexpressible(cfg, plan: Plan) -> None:
+    """PlanError when a per-layer list the config derives from a pattern (Jamba's attention / expert layers from
+    a period and an offset) would not follow the kept blocks: the checkpoint could not express the pruned model."""
+    derived = derived_layer_lists(cfg, plan.num_layers)
+    if not derived:
+        return
+    trial = copy.deepcopy(cfg)
+    rewrite_config(trial, plan)
+    for name, old in derived.items():
+        want = [old[i] for i in plan.kept]
+        if list(getattr(trial, name)) != want:
+            raise PlanError(f"config.{name} is computed from a layer pattern, not stored: after removing blocks "
+                            f"{plan.removed} it would read {list(getattr(trial, name))} instead of the kept blocks' "
+                            f"{want}, so a checkpoint cannot express this pruned model; remove blocks that keep the "
+                            "pattern (e.g. whole periods of it)")
 
 
 def _zero_branch(adapter, block: nn.Module, kind: str) -> None:
@@ -99,6 +125,8 @@ def _renumber(model: nn.Module, block: nn.Module, old: int, new: int) -> None:
         for name in INDEX_ATTRS:
             if isinstance(getattr(mod, name, None), int) and not isinstance(getattr(mod, name), bool):
                 setattr(mod, name, new)
+        if isinstance(getattr(mod, "lambda_init", None), float) and hasattr(mod, "lambda_q1") and old != new:
+            _rebase_lambda_init(mod, new)
         if getattr(mod, "scale_attn_by_inverse_layer_idx", False) and hasattr(mod, "c_attn") and old != new:
             # GPT-2: scores are scaled by 1/(layer_idx+1); keep the old scale by rescaling q (weight + bias)
             factor = (new + 1) / (old + 1)
@@ -107,6 +135,35 @@ def _renumber(model: nn.Module, block: nn.Module, old: int, new: int) -> None:
             mod.c_attn.bias[:d].mul_(factor)
             if hasattr(mod, "scaling"):
                 mod.scaling = mod.scaling * (old + 1) / (new + 1)
+
+
+def _rebase_lambda_init(mod: nn.Module, new: int) -> None:
+    """DiffLlama: the attention computes lambda_init from its layer index at construction, and uses it twice:
+    lambda = exp(q1.k1) - exp(q2.k2) + lambda_init, and a (1 - lambda_init) output scale. A block renumbered
+    old -> new gets lambda_init(new) when reloaded, so its weights are rewritten to give the same function
+    under the new constant: o_proj absorbs the scale ratio, and q1 (or q2) moves along k1 (k2) so that
+    exp(q1.k1) - exp(q2.k2) shifts by lambda_init(old) - lambda_init(new)."""
+    import sys
+
+    fn = getattr(sys.modules[type(mod).__module__], "lambda_init_fn", None)
+    if fn is None:
+        raise PlanError(f"{type(mod).__name__} has a lambda_init but its module defines no lambda_init_fn: shortllm "
+                        "cannot recompute it for a renumbered block; remove only the last blocks")
+    lam_old, lam_new = float(mod.lambda_init), float(fn(new))
+    shift = lam_old - lam_new
+    s1 = float((mod.lambda_q1.double() * mod.lambda_k1.double()).sum())
+    s2 = float((mod.lambda_q2.double() * mod.lambda_k2.double()).sum())
+    if math.exp(s1) + shift > 0:
+        q, k, target = mod.lambda_q1, mod.lambda_k1, math.log(math.exp(s1) + shift) - s1
+    else:
+        q, k, target = mod.lambda_q2, mod.lambda_k2, math.log(math.exp(s2) - shift) - s2
+    kk = float((k.double() ** 2).sum())
+    if kk == 0.0:
+        raise PlanError(f"{type(mod).__name__}: lambda_k is zero, so the lambda_init of a renumbered block cannot "
+                        "be absorbed into the weights; remove only the last blocks")
+    q.copy_(q.double() + (target / kk) * k.double())
+    mod.o_proj.weight.mul_((1.0 - lam_old) / (1.0 - lam_new))
+    mod.lambda_init = lam_new
 
 
 def rewrite_config(cfg, plan: Plan, per_layer: tuple[str, ...] = ()) -> dict:
@@ -137,8 +194,9 @@ def rewrite_config(cfg, plan: Plan, per_layer: tuple[str, ...] = ()) -> dict:
         changes["max_window_layers"] = (mwl, new_mwl)
         cfg.max_window_layers = new_mwl
     spec = get_adapter_spec_key(cfg)
-    changes[spec] = (getattr(cfg, spec), len(kept))
-    setattr(cfg, spec, len(kept))
+    for key in dict.fromkeys([spec] + stored_count_keys(cfg, L)):  # xLSTM stores num_blocks beside it
+        changes[key] = (getattr(cfg, key), len(kept))
+        setattr(cfg, key, len(kept))
     pattern = getattr(cfg, "sliding_window_pattern", None)
     types = getattr(cfg, "layer_types", None)
     if isinstance(pattern, int) and pattern > 0 and types is not None:

@@ -236,6 +236,10 @@ def build_collectors(metrics: Sequence[str], adapter: Adapter, device: torch.dev
         from shortllm.scoring.ppl import PPLCollector  # the replay machinery is only imported when asked for
 
         out.append(PPLCollector(L, device, **ppl_options))
+    if set(metrics) - {"mag"}:  # a forward runs: per-expert REAP statistics of MoE blocks ride along (last:
+        from shortllm.scoring.experts import ExpertCollector  # its begin_batch follows PPL's capture pass)
+
+        out.append(ExpertCollector(L, device))
     return out
 
 

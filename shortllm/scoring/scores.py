@@ -36,10 +36,13 @@ def _from_json(v: Any) -> Tensor:
 
 @dataclass
 class Scores:
-    """values[metric]: float64 tensor [L] ([n_max, L] for "angular": row n-1 = span n, NaN where l+n > L)."""
+    """values[metric]: float64 tensor [L] ([n_max, L] for "angular": row n-1 = span n, NaN where l+n > L).
+    experts[layer]: per-expert statistics of an MoE block, {"count", "reap_sum", "norm_sum", "reap_mean"}: float64
+    [num_experts] each (`shortllm.scoring.experts`); empty for a dense model."""
 
     values: dict[str, Tensor]
     meta: dict = field(default_factory=dict)
+    experts: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, model: nn.Module, adapter, results: dict[str, Tensor], *, data=None, n_tokens: int = 0,
@@ -59,7 +62,10 @@ class Scores:
             "versions": versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        return cls({k: v.to(torch.float64).cpu() for k, v in results.items()}, meta)
+        from shortllm.scoring.experts import split_expert_results
+
+        results, experts = split_expert_results(results)
+        return cls({k: v.to(torch.float64).cpu() for k, v in results.items()}, meta, experts)
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -87,7 +93,10 @@ class Scores:
 
     # ---- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"meta": self.meta, "values": {k: _jsonable(v) for k, v in self.values.items()}}
+        out = {"meta": self.meta, "values": {k: _jsonable(v) for k, v in self.values.items()}}
+        if self.experts:  # optional: older files (and dense models) have none
+            out["experts"] = {str(i): {k: _jsonable(v) for k, v in d.items()} for i, d in self.experts.items()}
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
@@ -102,6 +111,7 @@ class Scores:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))
             values = {k: _from_json(v) for k, v in raw["values"].items()}
             meta = raw["meta"]
+            experts = {int(i): {k: _from_json(v) for k, v in d.items()} for i, d in raw.get("experts", {}).items()}
             if meta.get("format") != FORMAT:
                 raise KeyError("format")
         except FileNotFoundError:
@@ -110,7 +120,7 @@ class Scores:
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path} is not a valid shortllm scores file ({type(exc).__name__}: {exc}); "
                             "re-create it with `shortllm score`") from None
-        scores = cls(values, meta)
+        scores = cls(values, meta, experts)
         if model is not None:
             scores.check_model(model)
         return scores
