@@ -59,6 +59,7 @@ class Knobs:
     calib_seq_len: int = 128
     calib_batch: int = 4
     stab_samples: int = 4  # calibration samples of each stability run
+    stab_sleb: bool = True  # search SLEB again on every stability run (its 20% plan's Jaccard)
     eval_chunks: Optional[int] = 4
     eval_seq_len: int = 128
     eval_batch: int = 8
@@ -78,7 +79,7 @@ class Knobs:
 
 
 PRESETS = {
-    "smoke": dict(calib_samples=4, stab_samples=2, eval_chunks=4, zs_limit=5),
+    "smoke": dict(calib_samples=2, calib_batch=2, stab_samples=2, stab_sleb=False, eval_chunks=4, zs_limit=5),
     "full": dict(calib_samples=10, stab_samples=10, eval_chunks=32, zs_limit=50, lora=True, retrain_steps=32,
                  retrain_micro_batch=4, retrain_eval_examples=32),
 }
@@ -308,7 +309,8 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
         d = calib(tok, corpus, knobs.stab_samples, knobs, seed)
         slug = name.replace("/", "_")
         s, _ = score_run(model, d, cells_dir / f"scores_{slug}.json", log)
-        runs[name] = (s, sleb_order(model, d, sleb_n, cells_dir / f"sleb_{slug}.json", log))
+        runs[name] = (s, sleb_order(model, d, sleb_n, cells_dir / f"sleb_{slug}.json", log) if knobs.stab_sleb
+                      else None)
     corpus_runs = [f"{c}/s0" for c in CORPORA]
     seed_runs = [f"wikitext2/s{s}" for s in SEEDS]
     r20 = min(knobs.ratios)
@@ -321,6 +323,8 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
                         for a, b in itertools.combinations(names, 2)]
                 row[f"tau_{label}_mean"] = sum(taus) / len(taus)
                 row[f"tau_{label}_min"] = min(taus)
+            if crit == "sleb" and not knobs.stab_sleb:
+                continue
             ps = [plan_for(model, runs[n][0], crit, r20, runs[n][1])[0] for n in names]
             if all(p is not None for p in ps):
                 js = [jaccard(_units(a), _units(b)) for a, b in itertools.combinations(ps, 2)]

@@ -96,10 +96,14 @@ def test_gate_shares_the_pass_with_taylor_and_checkpointing(arch):
     alone = score_fast(model, data, metrics=("gate",), progress=False).values["gate"]
     both = score_fast(model, data, metrics=("gate", "taylor"), progress=False)
     taylor = score_fast(model, data, metrics=("taylor",), progress=False).values["taylor"]
-    ckpt = score_fast(model, data, metrics=("gate",), gradient_checkpointing=True, progress=False).values["gate"]
+    # with activation checkpointing the branch hooks fire again in backward's recomputation: no effect on bi_*
+    ckpt = score_fast(model, data, metrics=("gate", "bi_attn", "bi_mlp"), gradient_checkpointing=True, progress=False)
+    sub = score_fast(model, data, metrics=("bi_attn", "bi_mlp"), progress=False)
     torch.testing.assert_close(both.values["gate"], alone, rtol=1e-12, atol=0)
     torch.testing.assert_close(both.values["taylor"], taylor, rtol=1e-12, atol=0)
-    torch.testing.assert_close(ckpt, alone, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ckpt.values["gate"], alone, rtol=1e-10, atol=1e-14)
+    for m in ("bi_attn", "bi_mlp"):
+        torch.testing.assert_close(ckpt.values[m], sub.values[m], rtol=1e-12, atol=0)
 
 
 def test_gate_ranks_a_harmful_block_last_removed_first():
@@ -244,3 +248,34 @@ def test_cli_score_new_metrics_and_prune_branches_no_adjacent(tiny_dir, tmp_path
     err = capsys.readouterr().err
     assert "no_adjacent" in err and err.count("\n") == 1
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_sublayer_and_gate_on_moe_blocks(arch):
+    """The MLP branch of an MoE block is the whole sparse-MoE layer (router + experts)."""
+    import transformers as tf
+
+    if arch == "mixtral":
+        cfg = tf.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
+                               max_position_embeddings=64)
+        model = tf.MixtralForCausalLM(cfg)
+    else:
+        cfg = tf.Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_experts=4,
+                                num_experts_per_tok=2, head_dim=8, max_position_embeddings=64)
+        model = tf.Qwen3MoeForCausalLM(cfg)
+    model = model.eval()  # fp32: transformers' grouped expert matmul has no float64 kernel
+    data = [random_batch(2, 9, seed=2)]
+    got = score_fast(model, data, metrics=("bi_attn", "bi_mlp", "gate"), progress=False)
+    ref = sublayer_reference(model, data)
+    for m in ("bi_attn", "bi_mlp"):
+        torch.testing.assert_close(got.values[m], ref[m], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.values["gate"], gate_reference(model, data), rtol=1e-4, atol=1e-6)
+
+
+def test_out_of_core_scorer_refuses_the_new_metrics(tmp_path):
+    from shortllm.scoring.offload import score_checkpoint
+
+    with pytest.raises(MetricError, match="gate"):
+        score_checkpoint(tmp_path, [random_batch()], metrics="bi,gate")
