@@ -12,7 +12,8 @@ For one built-in model (`--model smollm2-135m` or `gemma3-270m`):
 - stability: per criterion, tau of its ranking across calibration corpora (wikitext2, ptb, c4; seed 0) and across
   5 calibration seeds (wikitext2), and the mean pairwise Jaccard similarity of its 20 % plan (the removed blocks,
   or branches) across the same runs. SLEB's ranking is a search order of the removed blocks only: it enters the
-  plan tables and the plan-Jaccard stability (searched per run), not the tau tables. tail is data-free (tau = 1).
+  plan tables and (preset full: searched again per run) the plan-Jaccard stability, not the tau tables. tail is
+  data-free (tau = 1).
 
     python benchmarks/criteria_experiment.py --model smollm2-135m --preset smoke   # a few minutes on 2 cores
 
