@@ -2,7 +2,8 @@
 
 For one built-in model (`--model smollm2-135m` or `gemma3-270m`):
 - criteria: bi, taylor (Taylor+, protect 4/2), ppl, sleb (iterative PPL), bi_attn / bi_mlp (branch plans: only
-  attention / only MLP branches removed), gate (gate-gradient), tail (drop the last blocks);
+  attention / only MLP branches removed; a ratio beyond what those branches hold has no plan), "branches" (both
+  kinds ranked together by their bi_attn / bi_mlp scores), gate (gate-gradient), tail (drop the last blocks);
 - at 20 % and 35 % of the parameters: WikiText-2 (test) and PTB (validation) perplexity (128-token LLM-Pruner
   protocol, first `eval_chunks` chunks) and the 7-task zero-shot average (first `zs_limit` items per task), each
   pruned as is and healed by `shortllm.pruning.healing.heal(model, plan, calib, method="lstsq")` (when that
@@ -45,9 +46,10 @@ sys.path.insert(0, str(HERE.parent))
 from _common import load_average, stamp, stamp_dict, write_report  # noqa: E402
 
 SCORED = ("bi", "taylor", "ppl", "bi_attn", "bi_mlp", "gate", "tail")  # one score_fast pass
-CRITERIA = ("bi", "taylor", "ppl", "sleb", "bi_attn", "bi_mlp", "gate", "tail")
+CRITERIA = ("bi", "taylor", "ppl", "sleb", "bi_attn", "bi_mlp", "branches", "gate", "tail")
 LABEL = {"bi": "BI", "taylor": "Taylor+", "ppl": "PPL", "sleb": "SLEB (iterative PPL)",
-         "bi_attn": "bi_attn (attn branches)", "bi_mlp": "bi_mlp (MLP branches)", "gate": "gate",
+         "bi_attn": "bi_attn (attn branches)", "bi_mlp": "bi_mlp (MLP branches)",
+         "branches": "bi_attn+bi_mlp (any branch)", "gate": "gate",
          "tail": "tail (last blocks)", "base": "unpruned"}
 CORPORA = ("wikitext2", "ptb", "c4")
 SEEDS = (0, 1, 2, 3, 4)
@@ -175,6 +177,21 @@ def sleb_needed(model, knobs: Knobs) -> int:
     return max(blocks_for_ratio(float(r), order, bp, count_params(model)) for r in knobs.ratios)
 
 
+def joint_branches(model, scores, ratio: float) -> list[tuple[str, int]]:
+    """Attention and MLP branches ranked together by their own bi_attn / bi_mlp scores (both 1 - mean cos of the
+    stream before and after the branch), taken from the lowest until the removed parameter share is closest to
+    `ratio`; a block losing both branches is removed whole by make_plan."""
+    from shortllm.model.adapters import get_adapter
+    from shortllm.pruning.plans import blocks_for_ratio, count_params
+
+    adapter = get_adapter(model)
+    units = [(float(scores.per_block(f"bi_{k}")[i]), k, i) for k in ("attn", "mlp") for i in range(adapter.num_layers)]
+    units.sort()
+    params = [count_params(adapter.branch(adapter.blocks()[i], k)) for _, k, i in units]
+    n = blocks_for_ratio(float(ratio), list(range(len(units))), params, count_params(model))
+    return [(k, i) for _, k, i in units[:n]]
+
+
 def plan_for(model, scores, crit: str, ratio: float, order: Optional[list[int]]):
     """(plan, None) or (None, why not) for one criterion at one parameter ratio."""
     from shortllm.errors import PlanError
@@ -182,6 +199,8 @@ def plan_for(model, scores, crit: str, ratio: float, order: Optional[list[int]])
     from shortllm.pruning.plans import blocks_for_ratio, count_params, make_plan
 
     try:
+        if crit == "branches":
+            return make_plan(None, model=model, branches=joint_branches(model, scores, ratio)), None
         if crit == "sleb":
             blocks = get_adapter(model).blocks()
             k = blocks_for_ratio(float(ratio), order, [count_params(b) for b in blocks], count_params(model))
@@ -319,7 +338,7 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
     for crit in CRITERIA:
         row = {}
         for label, names in (("corpora", corpus_runs), ("seeds", seed_runs)):
-            if crit != "sleb":
+            if crit in SCORED:
                 taus = [kendall_tau(runs[a][0].per_block(crit).tolist(), runs[b][0].per_block(crit).tolist())
                         for a, b in itertools.combinations(names, 2)]
                 row[f"tau_{label}_mean"] = sum(taus) / len(taus)
