@@ -279,3 +279,18 @@ def test_out_of_core_scorer_refuses_the_new_metrics(tmp_path):
 
     with pytest.raises(MetricError, match="gate"):
         score_checkpoint(tmp_path, [random_batch()], metrics="bi,gate")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_new_criteria_on_smollm2_equal_their_references(smollm2):
+    """The built-in model (fp32): bi_attn / bi_mlp / gate from one score_fast pass against the references."""
+    model, tok = smollm2
+    ids = tok(["The capital of France is Paris, and the capital of Italy is Rome."], return_tensors="pt")
+    data = [{"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}]
+    got = score_fast(model, data, metrics=("bi_attn", "bi_mlp", "gate"), progress=False)
+    ref = sublayer_reference(model, data)
+    for m in ("bi_attn", "bi_mlp"):
+        torch.testing.assert_close(got.values[m], ref[m], rtol=1e-3, atol=1e-5)
+    gate = gate_reference(model, data)
+    torch.testing.assert_close(got.values["gate"], gate, rtol=1e-3, atol=1e-4 * float(gate.abs().max()))
