@@ -248,6 +248,9 @@ def test_cli_score_new_metrics_and_prune_branches_no_adjacent(tiny_dir, tmp_path
     err = capsys.readouterr().err
     assert "no_adjacent" in err and err.count("\n") == 1
     assert not (tmp_path / "bad").exists()
+    assert main(["prune", str(tiny_dir), "--plan", str(tmp_path / "t.json"), "--no-adjacent",
+                 "-o", str(tmp_path / "bad")]) == 2
+    assert "--no-adjacent" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
