@@ -10,6 +10,7 @@ HERE = Path(__file__).resolve().parent
 ORDER = ["score", "cosine_span", "ops", "ppl", "speed", "eval", "reproduce", "retrain", "distributed",
          "offload_smollm", "offload", "coverage", "gpu_cpu_mode", "gpu", "heal"]
 ORDER += ["recovery_smollm2-135m"]
+ORDER += ["criteria_smollm2-135m", "criteria_gemma3-270m"]
 
 
 def main() -> None:

@@ -48,7 +48,9 @@ def add_parser(sub) -> None:
                                    "-o DIR.")
     p.add_argument("model", help="built-in name (smollm2-135m), local HF checkpoint dir or hub id")
     p.add_argument("--scores", help="scores JSON from `shortllm score` (needed for --remove/--ratio)")
-    p.add_argument("--metric", default=None, help="bi | angular | taylor | mag | ppl (lower = removed first)")
+    p.add_argument("--metric", default=None,
+                   help="bi | angular | taylor | mag | ppl | gate | tail, or bi_attn | bi_mlp (removes attention / MLP "
+                        "branches) (lower = removed first)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ratio", type=float, help="fraction of the parameters to remove, e.g. 0.2")
     g.add_argument("--remove", type=int, help="number of blocks to remove")
@@ -66,6 +68,8 @@ def add_parser(sub) -> None:
     p.add_argument("--protect", type=int, nargs=2, metavar=("FIRST", "LAST"), default=None,
                    help="never remove the first/last blocks (default 4 2 for taylor/mag, else 0 0)")
     p.add_argument("--span", action="store_true", help="remove the contiguous span with the lowest angular distance")
+    p.add_argument("--no-adjacent", action="store_true",
+                   help="never remove two neighbouring blocks (with --remove/--ratio; checked with --blocks)")
     add_dtype_arg(p, default="float32")
     add_device_arg(p)
     p.add_argument("-o", "--output", required=True, help="output checkpoint dir (must not exist)")
@@ -112,13 +116,15 @@ def run(args: argparse.Namespace) -> int:
                          "and --metric NAME")
     if args.plan is not None:
         given = [f for f, v in (("--scores", args.scores), ("--metric", args.metric), ("--protect", args.protect),
-                                ("--span", args.span or None)) if v is not None]
+                                ("--span", args.span or None), ("--no-adjacent", args.no_adjacent or None))
+                 if v is not None]
         if given:
             raise UsageError(f"{', '.join(given)} do(es) not apply with --plan (the plan already says what to "
                              "remove); drop them")
-    elif (args.ratio is not None or args.remove is not None) and (args.scores is None or args.metric is None):
+    elif (args.ratio is not None or args.remove is not None) and (
+            args.metric is None or (args.scores is None and args.metric != "tail")):
         raise UsageError("--ratio/--remove pick blocks by score: give --scores FILE and --metric NAME "
-                         "(or --blocks 3,5,7, or --plan FILE)")
+                         "(or --metric tail alone, --blocks 3,5,7, or --plan FILE)")
     check_output_dir(args.output, args.overwrite)
     for flag, path in (("--mergekit", args.mergekit), ("--plan-out", args.plan_out)):
         if path:
@@ -131,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         blocks = [int(x) for x in args.blocks.split(",") if x.strip()] if args.blocks else None
         plan = make_plan(scores, args.metric, model=model, remove=args.remove, ratio=args.ratio, blocks=blocks,
-                         protect=args.protect, span=args.span, budget=budget)
+                         protect=args.protect, span=args.span, budget=budget, no_adjacent=args.no_adjacent)
     mergekit_text = mergekit_yaml(plan, args.model, config=model.config) if args.mergekit else None
     if args.heal is not None:
         from shortllm.pruning.healing import heal
@@ -153,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(args.mergekit, mergekit_text)
     if args.plan_out:
         plan.save(args.plan_out)
+    if plan.removed_branches:
+        print(f"removed branches {[f'{k}:{b}' for k, b in plan.removed_branches]}")
     print(f"removed blocks {plan.removed} of {plan.num_layers} ({plan.removed_fraction:.1%} of parameters: "
           f"{plan.params_before:,} -> {plan.params_after:,}); wrote {out}")
     return 0

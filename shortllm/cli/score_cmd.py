@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     sc = sub.add_parser("score", help="score every decoder block (one streaming pass)")
     sc.add_argument("model", help="built-in name (smollm2-135m), a local checkpoint dir, or a hub id")
     add_data_args(sc)
-    sc.add_argument("--metrics", default="bi,angular,taylor,mag", help="comma list of bi,angular,taylor,mag,ppl")
+    sc.add_argument("--metrics", default="bi,angular,taylor,mag",
+                    help="comma list of bi,angular,taylor,mag,ppl,bi_attn,bi_mlp,gate,tail")
     sc.add_argument("--n-max", type=int, default=None, help="largest angular span (default min(8, L-1))")
     sc.add_argument("--angular-tokens", choices=("all", "last"), default="all")
     sc.add_argument("--taylor-mode", choices=("exact", "streaming"), default="exact")

@@ -30,6 +30,7 @@ FORMAT = "shortllm.plan/1"
 PROTECTED_METRICS = ("taylor", "mag")  # SPEC "+" rule: Taylor+ and Mag+
 DEFAULT_PROTECT = (4, 2)
 BRANCHES = ("attn", "mlp")
+BRANCH_METRICS = {"bi_attn": "attn", "bi_mlp": "mlp"}  # metric -> the branch kind its plans remove
 
 
 def count_params(modules) -> int:
@@ -74,6 +75,7 @@ class Plan:
     scores_meta: dict = field(default_factory=dict)
     created: str = ""
     budget: dict = field(default_factory=dict)  # Budget targets and predicted figures (shortllm.pruning.budget)
+    no_adjacent: bool = False
 
     def __post_init__(self):
         self.removed = sorted(int(i) for i in self.removed)
@@ -221,7 +223,7 @@ def blocks_for_ratio(ratio: float, order: Sequence[int], block_params: Sequence[
 def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: nn.Module,
               remove: Optional[int] = None, ratio: Optional[float] = None, blocks: Optional[Sequence[int]] = None,
               branches: Optional[Sequence[tuple[str, int]]] = None, protect: Optional[Sequence[int]] = None,
-              span: bool = False, budget=None) -> Plan:
+              span: bool = False, no_adjacent: bool = False, budget=None) -> Plan:
     """Choose what to remove from `model` (whose `scores` these are) by `metric`.
 
     Exactly one of: `remove=K` blocks, `ratio=r` of the parameters, an explicit `blocks=[...]` list, or
@@ -231,18 +233,30 @@ def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: 
     (needs the "angular" matrix; n from `remove`, or from `ratio`). Over-asking raises PlanError.
     `budget=Budget(params=, memory_gb=, latency_ms=, ...)` instead picks the least important blocks (or, for
     bi_attn / bi_mlp, branches) by `metric` that meet every target: see shortllm.pruning.budget.
+
+    Metrics "bi_attn" / "bi_mlp" make branch plans: `remove=K` removes the K attention (MLP) branches with the
+    lowest scores, `ratio=r` as many as bring the removed parameters closest to r; their blocks stay. Metric
+    "tail" (the reverse-order baseline) needs no scores: `make_plan(None, "tail", model=m, remove=K)` drops the
+    last K removable blocks. `no_adjacent=True` never removes two neighbouring blocks (or, for branch plans,
+    branches of neighbouring blocks): blocks are taken in ranking order, skipping a neighbour of one already
+    taken and any pick that would leave too few non-adjacent places for the rest; PlanError when `remove=K`
+    (or `ratio`) cannot be met without neighbours.
     """
     if budget is not None:
         from shortllm.pruning.budget import plan_with_budget
 
-        if any(x is not None for x in (remove, ratio, blocks, branches)) or span:
-            raise PlanError("budget= chooses what to remove: do not also give remove=, ratio=, blocks=, branches= "
-                            "or span=")
+        if any(x is not None for x in (remove, ratio, blocks, branches)) or span or no_adjacent:
+            raise PlanError("budget= chooses what to remove: do not also give remove=, ratio=, blocks=, branches=, "
+                            "span= or no_adjacent=")
         return plan_with_budget(make_plan, scores, metric, model=model, budget=budget, protect=protect)
     from shortllm.model.adapters import get_adapter
 
     adapter = get_adapter(model)
     L = adapter.num_layers
+    if scores is None and metric == "tail" and (remove is not None or ratio is not None):
+        from shortllm.scoring.engine import score_fast
+
+        scores = score_fast(model, [], metrics=("tail",), progress=False)
     if scores is not None:
         if scores.num_layers != L:
             raise PlanError(f"scores are for a model of {scores.num_layers} blocks but this model has {L}; "
@@ -258,6 +272,13 @@ def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: 
     if sum(asked) == 0 and not branches:
         raise PlanError("say what to remove: "
                         "remove=K blocks, ratio=r of the parameters, blocks=[...] or branches=[...]")
+    if no_adjacent and span:
+        raise PlanError("no_adjacent=True does not apply to span=True (a span is contiguous by definition); drop one")
+    if no_adjacent and (blocks is not None or branches) and remove is None and ratio is None:
+        adjacent = _adjacent_pairs(list(blocks or []) + [b for _, b in (branches or [])])
+        if adjacent:
+            raise PlanError(f"no_adjacent=True but the given blocks/branches include neighbours {adjacent}; "
+                            "drop one of each pair or pass no_adjacent=False")
     first, last = _protect_for(metric if blocks is None else None, protect, L)
     removable = L - first - last
     blocks_mod = adapter.blocks()
@@ -267,7 +288,7 @@ def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: 
         raise PlanError(f"ratio={ratio} must be in (0, 1): a fraction of the model's parameters, e.g. 0.2")
     if remove is not None and (not isinstance(remove, int) or remove < 1):
         raise PlanError(f"remove={remove!r} must be an integer >= 1 (an empty plan prunes nothing)")
-    if remove is not None and remove >= L:
+    if remove is not None and remove >= L and metric not in BRANCH_METRICS:
         raise PlanError(f"remove={remove} would delete all {L} blocks; remove at most {L - 1}")
 
     mode, removed = "blocks", []
@@ -280,7 +301,15 @@ def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: 
     elif remove is not None or ratio is not None:
         if scores is None or metric is None:
             raise PlanError("remove=/ratio= pick blocks by score: pass scores and metric (or give blocks=[...])")
-        if span:
+        if metric in BRANCH_METRICS:
+            if span or branches:
+                raise PlanError(f"metric {metric!r} makes a branch plan; it does not combine with span=True or an "
+                                "explicit branches=[...] list")
+            kind = BRANCH_METRICS[metric]
+            branches = _branch_selection(scores, metric, kind, adapter, remove, ratio, first, last, L, total,
+                                         no_adjacent)
+            mode = "remove" if remove is not None else "ratio"
+        elif span:
             mode = "span"
             removed = _span(scores, remove, ratio, first, last, L, block_params, total)
         else:
@@ -289,11 +318,14 @@ def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: 
             order = [i for i in ranking if first <= i < L - last]
             if ratio is not None:
                 _check_ratio_reachable(float(ratio), ranking, order, block_params, total, first, last, L)
-            k = remove if remove is not None else blocks_for_ratio(float(ratio), order, block_params, total)
-            if k > removable:
-                raise PlanError(f"cannot remove {k} blocks: with protect=({first}, {last}) only {removable} of {L} "
-                                "blocks are removable; ask for fewer or lower protect")
-            removed = sorted(order[:k])
+            if no_adjacent:
+                removed = _non_adjacent(order, remove, ratio, block_params, total, first, last, L, "blocks")
+            else:
+                k = remove if remove is not None else blocks_for_ratio(float(ratio), order, block_params, total)
+                if k > removable:
+                    raise PlanError(f"cannot remove {k} blocks: with protect=({first}, {last}) only {removable} of "
+                                    f"{L} blocks are removable; ask for fewer or lower protect")
+                removed = sorted(order[:k])
     branches = [(str(k), int(b)) for k, b in (branches or [])]
     both = sorted({b for k, b in branches if k == "attn"} & {b for k, b in branches if k == "mlp"})
     if both:  # a block without both branches is the identity: remove it whole (identical output, less compute)
@@ -307,7 +339,85 @@ def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: 
                 model_name=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
                 model_fingerprint=weights_fingerprint(model), structure_fingerprint=structure_fingerprint(model),
                 scores_fingerprint=scores_fingerprint(scores) if scores is not None else None,
-                scores_meta=_scores_provenance(scores))
+                scores_meta=_scores_provenance(scores), no_adjacent=bool(no_adjacent))
+
+
+def _adjacent_pairs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    s = sorted(set(int(i) for i in indices))
+    return [(a, b) for a, b in zip(s, s[1:]) if b == a + 1]
+
+
+def _room(taken: set[int], lo: int, hi: int) -> int:
+    """How many more blocks in [lo, hi) can be taken without neighbouring each other or `taken`: each free run
+    of m positions between taken blocks (and their neighbours) holds ceil(m / 2)."""
+    room, run = 0, 0
+    for i in range(lo, hi):
+        if i in taken or (i - 1) in taken or (i + 1) in taken:
+            room += (run + 1) // 2
+            run = 0
+        else:
+            run += 1
+    return room + (run + 1) // 2
+
+
+def _non_adjacent(order: Sequence[int], remove: Optional[int], ratio: Optional[float], unit_params: Sequence[int],
+                  total: int, first: int, last: int, L: int, what: str) -> list[int]:
+    """Blocks from `order` (least important first), never two neighbours. remove=K: a pick is skipped when it
+    would leave no non-adjacent room for the rest of the K, so the result exists whenever K fits at all.
+    ratio=r: the greedy non-adjacent pick order, cut where the removed parameter share is closest to r."""
+    lo, hi = first, L - last
+    most = _room(set(), lo, hi)
+    want = remove
+    if ratio is not None:
+        greedy: list[int] = []
+        for i in order:
+            if i - 1 not in greedy and i + 1 not in greedy:
+                greedy.append(i)
+        need = blocks_for_ratio(float(ratio), list(order), unit_params, total)
+        if need > len(greedy):
+            best = sum(unit_params[i] for i in greedy) / total
+            raise PlanError(f"ratio={ratio} needs about {need} {what}, but no two may neighbour each other "
+                            f"(no_adjacent): the greedy pick holds {len(greedy)}, {best:.4f} of the parameters; "
+                            f"ask for ratio <= {best:.4f} or drop no_adjacent")
+        return sorted(greedy[:blocks_for_ratio(float(ratio), greedy, unit_params, total)])
+    assert want is not None, "remove or ratio is given"
+    if want > most:
+        raise PlanError(f"cannot remove {want} {what} without two neighbours (no_adjacent): the removable range "
+                        f"{lo}..{hi - 1} (protect=({first}, {last})) holds at most {most}; ask for remove <= {most} "
+                        "or drop no_adjacent")
+    taken: set[int] = set()
+    for i in order:
+        if len(taken) == want:
+            break
+        if i - 1 in taken or i + 1 in taken:
+            continue
+        if _room(taken | {i}, lo, hi) >= want - len(taken) - 1:
+            taken.add(i)
+    assert len(taken) == want, f"non-adjacent selection found {len(taken)} of {want}"
+    return sorted(taken)
+
+
+def _branch_selection(scores: Scores, metric: str, kind: str, adapter, remove: Optional[int], ratio: Optional[float],
+                      first: int, last: int, L: int, total: int, no_adjacent: bool) -> list[tuple[str, int]]:
+    """The `kind` branches ("attn"/"mlp") with the lowest `metric` scores, as (kind, block) pairs."""
+    blocks_mod = adapter.blocks()
+    branch_params = [count_params(adapter.branch(b, kind)) for b in blocks_mod]
+    order = [i for i in scores.ranking(metric) if first <= i < L - last]
+    if no_adjacent:
+        picked = _non_adjacent(order, remove, ratio, branch_params, total, first, last, L, f"{kind} branches")
+        return [(kind, i) for i in picked]
+    if remove is not None:
+        if remove > len(order):
+            raise PlanError(f"cannot remove {remove} {kind} branches: with protect=({first}, {last}) only "
+                            f"{len(order)} of {L} blocks' {kind} branches are removable; ask for fewer")
+        k = remove
+    else:
+        most = sum(branch_params[i] for i in order) / total
+        if float(ratio) > most:
+            raise PlanError(f"ratio={ratio} is more than all removable {kind} branches hold ({most:.4f} of the "
+                            f"parameters); ask for ratio <= {most:.4f}, or remove whole blocks (another metric)")
+        k = blocks_for_ratio(float(ratio), order, branch_params, total)
+    return [(kind, i) for i in sorted(order[:k])]
 
 
 def _check_ratio_reachable(ratio: float, ranking: Sequence[int], order: Sequence[int], block_params: Sequence[int],

@@ -17,22 +17,31 @@ from tqdm.auto import tqdm
 
 from shortllm.errors import EmptyLoaderError, MetricError, NonFiniteError
 from shortllm.model.adapters import Adapter, get_adapter, model_device
-from shortllm.model.hooks import block_io_hooks, checkpointed_blocks
+from shortllm.model.hooks import block_input, block_io_hooks, checkpointed_blocks
 from shortllm.ops import lm_head_nll
-from shortllm.scoring.collectors import Collector, CosineCollector, MagCollector, TaylorCollector
+from shortllm.scoring.collectors import (
+    Collector,
+    CosineCollector,
+    GateCollector,
+    MagCollector,
+    SubLayerCollector,
+    TailCollector,
+    TaylorCollector,
+)
 from shortllm.scoring.context import BatchContext, RunContext, batch_context, next_token_targets
 
-METRICS = ("bi", "angular", "taylor", "mag", "ppl")
+METRICS = ("bi", "angular", "taylor", "mag", "ppl", "bi_attn", "bi_mlp", "tail", "gate")
+DATA_FREE_METRICS = ("mag", "tail")  # computed from the weights / the block order alone
 DEFAULT_METRICS = ("bi", "angular", "taylor", "mag")
 
 
-def parse_metrics(metrics: Sequence[str] | str) -> tuple[str, ...]:
+def parse_metrics(metrics: Sequence[str] | str, allowed: Sequence[str] = METRICS) -> tuple[str, ...]:
     if isinstance(metrics, str):
         metrics = [m for m in metrics.split(",") if m.strip()]
     out = tuple(dict.fromkeys(m.strip().lower() for m in metrics))
-    unknown = [m for m in out if m not in METRICS]
+    unknown = [m for m in out if m not in allowed]
     if unknown or not out:
-        raise MetricError(f"unknown metric(s) {unknown or '(none given)'}; choose from {', '.join(METRICS)} "
+        raise MetricError(f"unknown metric(s) {unknown or '(none given)'}; choose from {', '.join(allowed)} "
                           f"(e.g. metrics=('bi', 'angular', 'taylor', 'mag'))")
     return out
 
@@ -91,6 +100,7 @@ class Engine:
         self.progress, self.check_finite = progress, check_finite
         self.device = model_device(model)
         self.needs_grad = any(c.needs_grad for c in collectors)
+        self.needs_weight_grad = any(c.needs_weight_grad for c in collectors)
         self.n_tokens = 0
         self.n_batches = 0
         self._finite: list[Tensor] = []
@@ -112,9 +122,10 @@ class Engine:
                 for p in model.parameters():
                     p.requires_grad_(False)
                     p.grad = None
-                for blk in self.adapter.blocks():
-                    for _, p in self.adapter.block_weights(blk):
-                        p.requires_grad_(True)
+                if self.needs_weight_grad:
+                    for blk in self.adapter.blocks():
+                        for _, p in self.adapter.block_weights(blk):
+                            p.requires_grad_(True)
             yield
         finally:
             for p in model.parameters():
@@ -156,11 +167,32 @@ class Engine:
                                  "overflows in this dtype or its weights are corrupted: score in float32 "
                                  "(load_model(..., dtype=torch.float32)) or check the checkpoint")
 
+    @contextlib.contextmanager
+    def _stream_requires_grad(self):
+        """With every weight frozen (activation gradients only: gate) nothing would require grad: block 0's input
+        is made a leaf that does, so the backward reaches every block output."""
+        if not self.needs_grad or self.needs_weight_grad:
+            yield
+            return
+
+        def pre(_module, args, kwargs):
+            if args:
+                return (args[0].detach().requires_grad_(True),) + tuple(args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = block_input(args, kwargs).detach().requires_grad_(True)
+            return args, kwargs
+
+        handle = self.adapter.blocks()[0].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def _batch(self, index: int, batch: dict) -> None:
         ctx = self._context(index, batch)
         for c in self.collectors:
             c.begin_batch(ctx)
-        with block_io_hooks(self.adapter.blocks(), self._on_block(ctx)):
+        with self._stream_requires_grad(), block_io_hooks(self.adapter.blocks(), self._on_block(ctx)):
             if self.needs_grad:
                 with torch.enable_grad():
                     out = self.model.base_model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask,
@@ -232,6 +264,12 @@ def build_collectors(metrics: Sequence[str], adapter: Adapter, device: torch.dev
         out.append(TaylorCollector(L, taylor_mode, device, n_batches))
     if "mag" in metrics:
         out.append(MagCollector(L, device))
+    if "bi_attn" in metrics or "bi_mlp" in metrics:
+        out.append(SubLayerCollector(L, "bi_attn" in metrics, "bi_mlp" in metrics, device))
+    if "gate" in metrics:
+        out.append(GateCollector(L, device))
+    if "tail" in metrics:
+        out.append(TailCollector(L))
     if "ppl" in metrics:
         from shortllm.scoring.ppl import PPLCollector  # the replay machinery is only imported when asked for
 
@@ -276,7 +314,10 @@ def score_fast(
             pass `adapter=`).
         data: iterable of {"input_ids": [B, T], "attention_mask": [B, T]} batches, e.g.
             `shortllm.data.calibration_loader("wikitext2", tokenizer)`.
-        metrics: any of "bi", "angular", "taylor", "mag", "ppl" (SPEC §2). Lower score = less important.
+        metrics: any of "bi", "angular", "taylor", "mag", "ppl" (SPEC §2), "bi_attn" / "bi_mlp" (1 - mean
+            cos(h, h + branch(h)) of each block's attention / MLP branch), "gate" (minus the derivative of the
+            loss with respect to a gate scaling each block's update; activation gradients only) and "tail" (the
+            reverse-order baseline: the last block first). Lower score = less important.
         n_max: largest angular span (default min(8, L - 1)); spans are dropped blocks l .. l+n-1.
         angular_tokens: "all" valid tokens, or "last" valid token of each sequence (PruneMe).
         taylor_mode: "exact" (seed-000: signed products summed over batches before |.|) or "streaming"
@@ -295,13 +336,13 @@ def score_fast(
     adapter = adapter or get_adapter(model)
     n_max = resolve_n_max(n_max, adapter.num_layers)
     n_batches = len(data) if hasattr(data, "__len__") else None
-    if n_batches == 0:
+    if n_batches == 0 and not set(metrics) <= set(DATA_FREE_METRICS):
         raise EmptyLoaderError("the calibration loader is empty; give it at least one text "
                                "(e.g. calibration_loader('wikitext2', tokenizer, n_samples=10))")
     device = model_device(model)
     collectors = build_collectors(metrics, adapter, device, n_max=n_max, angular_tokens=angular_tokens,
                                   taylor_mode=taylor_mode, n_batches=n_batches, **ppl_options)
-    if metrics == ("mag",):
+    if set(metrics) <= set(DATA_FREE_METRICS):
         engine = Engine(model, adapter, collectors, progress=False)
         with engine._model_state():
             for c in collectors:

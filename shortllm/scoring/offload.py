@@ -336,7 +336,7 @@ def score_checkpoint(
     """
     from shortllm.scoring.scores import Scores
 
-    metrics = parse_metrics(metrics)
+    metrics = parse_metrics(metrics, allowed=OFFLOAD_METRICS)
     if angular_tokens not in ("all", "last"):
         raise MetricError(f"angular_tokens must be 'all' or 'last', got {angular_tokens!r}")
     batches = list(data)

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from shortllm.model.adapters import get_adapter
-from shortllm.model.hooks import block_output
+from shortllm.model.hooks import block_input, block_output
+from shortllm.model.replay import zeroed_branches
 
 
 def _hidden_states(model: nn.Module, batch: dict) -> list[Tensor]:
@@ -144,3 +145,87 @@ def score_reference(model: nn.Module, data: Iterable[dict], metrics=("bi", "angu
     if "mag" in metrics:
         out["mag"] = mag_reference(model)
     return out
+
+
+def _block_outputs(model: nn.Module, batch: dict) -> list[Tensor]:
+    """Every block's raw output for one batch, stored whole (float64), from forward hooks."""
+    adapter = get_adapter(model)
+    outs: dict[int, Tensor] = {}
+    handles = [blk.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, block_output(o).to(torch.float64)))
+               for i, blk in enumerate(adapter.blocks())]
+    try:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [outs[i] for i in range(adapter.num_layers)]
+
+
+def sublayer_reference(model: nn.Module, data: Iterable[dict], parallel: bool = False) -> dict[str, Tensor]:
+    """bi_attn / bi_mlp [L] as 1 - mean cos(h, h + branch(h)) over valid tokens, each h + branch(h) measured as
+    the block's output with the OTHER branch removed (zeroed, as pruning removes it) — one full forward per
+    block and branch. Sequential blocks: attention h_l -> block_l(h_l) without its MLP; MLP that -> h_{l+1}.
+    Parallel blocks (`parallel=True`): attention as above, MLP h_l -> block_l(h_l) without its attention."""
+    adapter = get_adapter(model)
+    L = adapter.num_layers
+    sums = {"bi_attn": torch.zeros(L, dtype=torch.float64), "bi_mlp": torch.zeros(L, dtype=torch.float64)}
+    n = 0.0
+    for batch in data:
+        mask = batch["attention_mask"].bool()
+        hs = _hidden_states(model, batch)
+        n += float(mask.sum())
+        for i in range(L):
+            with zeroed_branches(adapter, [("mlp", i)]):
+                after_attn = _block_outputs(model, batch)[i]
+            sums["bi_attn"][i] += _cos(hs[i], after_attn)[mask].sum()
+            if parallel:
+                with zeroed_branches(adapter, [("attn", i)]):
+                    after_mlp = _block_outputs(model, batch)[i]
+                sums["bi_mlp"][i] += _cos(hs[i], after_mlp)[mask].sum()
+            else:
+                sums["bi_mlp"][i] += _cos(after_attn, hs[i + 1])[mask].sum()
+    return {k: 1.0 - v / n for k, v in sums.items()}
+
+
+def gate_reference(model: nn.Module, data: Iterable[dict]) -> Tensor:
+    """-dL/dalpha_l at alpha = 1 for real gates: every block's output becomes in + alpha_l (out - in) (a forward
+    hook), L = sum over batches of the mean next-token cross-entropy of the model's own logits (padding ignored),
+    differentiated by torch.autograd.grad with every weight frozen."""
+    adapter = get_adapter(model)
+    L = adapter.num_layers
+    dtype = next(model.parameters()).dtype
+    alphas = [torch.ones((), dtype=dtype, requires_grad=True) for _ in range(L)]
+
+    def gate(i):
+        def hook(_m, args, kwargs, out):
+            h_in, h_out = block_input(args, kwargs), block_output(out)
+            new = h_in + alphas[i] * (h_out - h_in)
+            return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+        return hook
+
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    handles = [blk.register_forward_hook(gate(i), with_kwargs=True) for i, blk in enumerate(adapter.blocks())]
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        total = torch.zeros(L, dtype=torch.float64)
+        for batch in data:
+            am = batch["attention_mask"]
+            labels = batch["input_ids"].masked_fill(am == 0, -100)
+            labels[:, 1:] = labels[:, 1:].masked_fill(am[:, :-1] == 0, -100)
+            with torch.enable_grad():
+                logits = model(input_ids=batch["input_ids"], attention_mask=am, use_cache=False).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                         labels[:, 1:].reshape(-1), ignore_index=-100)
+                grads = torch.autograd.grad(loss, alphas)
+            total += torch.stack([g.to(torch.float64) for g in grads])
+    finally:
+        for h in handles:
+            h.remove()
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        model.train(was_training)
+    return -total
