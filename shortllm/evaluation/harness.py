@@ -102,16 +102,22 @@ def _write_yaml(path: Path, cfg: dict) -> None:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, width=1000), encoding="utf-8")
 
 
-def _json_source(files: dict[str, Path]) -> dict:
-    return {"dataset_path": "json", "dataset_kwargs": {"data_files": {k: str(v) for k, v in files.items()}}}
+def _json_source(files: dict[str, Path], cache: Path) -> dict:
+    # datasets' Arrow cache goes beside the rows (a temp dir), not into the user's HF cache
+    return {"dataset_path": "json", "dataset_kwargs": {"data_files": {k: str(v) for k, v in files.items()},
+                                                       "cache_dir": str(cache)}}
 
 
 def _mmlu_description(subject: str) -> str:
     return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
 
 
-def write_local_tasks(tasks: Sequence[str], out_dir: str | os.PathLike, data_dir=None) -> list[str]:
+def write_local_tasks(tasks: Sequence[str], out_dir: str | os.PathLike, data_dir=None,
+                      limit: Optional[int] = None) -> list[str]:
     """Write lm-eval task YAMLs (and their JSONL rows) for ``tasks`` from the local data into ``out_dir``.
+
+    ``limit`` writes only the first N test rows of each task (MMLU: of each subject; its dev split
+    whole): what lm-eval's ``limit`` would evaluate anyway, without loading the rest through ``datasets``.
 
     Returns the names to hand to lm-eval (the task names themselves; ``mmlu`` is a group of 57 subject
     tasks ``mmlu_<subject>`` under the groups ``mmlu_stem``, ``mmlu_humanities``, ``mmlu_social_sciences``,
@@ -120,6 +126,7 @@ def write_local_tasks(tasks: Sequence[str], out_dir: str | os.PathLike, data_dir
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cache = out / "hf_datasets_cache"
     names = []
     for name in tasks:
         if name not in LOCAL_TASKS:
@@ -129,10 +136,11 @@ def write_local_tasks(tasks: Sequence[str], out_dir: str | os.PathLike, data_dir
                 files = {}
                 for split in ("test", "dev"):
                     files[split] = out / f"mmlu_{subject}_{split}.jsonl"
-                    _write_jsonl(files[split], mmlu_rows(subject, split, data_dir))
+                    rows = mmlu_rows(subject, split, data_dir)
+                    _write_jsonl(files[split], rows[:limit] if split == "test" and limit else rows)
                 _write_yaml(out / f"mmlu_{subject}.yaml",
                             {"task": f"mmlu_{subject}", "task_alias": subject, "tag": f"mmlu_{cat}_tasks",
-                             **_json_source(files), "description": _mmlu_description(subject), **_MMLU})
+                             **_json_source(files, cache), "description": _mmlu_description(subject), **_MMLU})
             for cat in sorted(set(MMLU_CATEGORIES.values())):
                 _write_yaml(out / f"_mmlu_{cat}.yaml", {"group": f"mmlu_{cat}", "group_alias": cat,
                                                         "task": [f"mmlu_{cat}_tasks"],
@@ -141,8 +149,9 @@ def write_local_tasks(tasks: Sequence[str], out_dir: str | os.PathLike, data_dir
                                              "aggregate_metric_list": _GROUP_AGG, "metadata": {"version": 2}})
         else:
             path = out / f"{name}.jsonl"
-            _write_jsonl(path, harness_rows(name, data_dir))
-            _write_yaml(out / f"{name}.yaml", {"task": name, **_json_source({"test": path}), **_TEMPLATES[name]})
+            rows = harness_rows(name, data_dir)
+            _write_jsonl(path, rows[:limit] if limit else rows)
+            _write_yaml(out / f"{name}.yaml", {"task": name, **_json_source({"test": path}, cache), **_TEMPLATES[name]})
         names.append(name)
     return names
 
@@ -248,7 +257,7 @@ def harness_eval(model: nn.Module, tokenizer, tasks: Sequence[str], *, num_fewsh
     with tempfile.TemporaryDirectory(prefix="shortllm-lmeval-") as tmp:
         runs = []
         if local:
-            runs.append((write_local_tasks(local, tmp, data_dir), TaskManager(include_path=tmp, include_defaults=False)))
+            runs.append((write_local_tasks(local, tmp, data_dir, limit), TaskManager(include_path=tmp, include_defaults=False)))
         if remote:
             runs.append((remote, TaskManager()))
         for names, tm in runs:

@@ -37,8 +37,9 @@ def render_markdown(report: dict) -> str:
     if zs:
         lim = zs["settings"].get("limit")
         lines += zeroshot_table(zs["tasks"]) + [
-            "", f"Zero-shot: lm-eval-harness 0.4 semantics, "
-                f"{'first ' + str(lim) + ' items per task' if lim else 'full splits'}."]
+            "", f"Zero-shot (built-in scorer): lm-eval-harness 0.4 semantics, "
+                f"{'first ' + str(lim) + ' items per task' if lim else 'full splits'}; "
+                f"BOS policy: {zs['settings'].get('bos', 'not recorded')}."]
     return "\n".join(lines) + "\n"
 
 
