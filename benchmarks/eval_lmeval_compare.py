@@ -64,7 +64,8 @@ def _render(results: dict, args, st: str, loads: tuple[str, str]) -> str:
              f"{args.batch_size}; {loads[0]} at start, {loads[1]} at end.", ""]
     for model, r in results.items():
         lines += [f"## {model}", "", "| task | n | reported metric | built-in | lm-eval | items with another acc "
-                  "prediction | another acc_norm prediction | max abs Δ log-lik |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+                  "prediction | another acc_norm prediction | max abs Δ log-lik |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|"]
         for name, t in r["tasks"].items():
             lines.append(f"| {name} | {t['n']} | {t['metric']} | {100 * t['builtin']:.2f} | {100 * t['lm_eval']:.2f} | "
                          f"{t['acc_pred_diff']} | {t['acc_norm_pred_diff']} | {t['max_abs_dll']:.2e} |")
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
             from eval_helpers import make_bpe_tokenizer
             from tiny_models import make_tiny
 
-            model, tok = make_tiny("llama", seed=0), make_bpe_tokenizer()
+            # a context as long as SmolLM2's: lm-eval refuses continuations longer than the model's max_length
+            model, tok = make_tiny("llama", seed=0, max_position_embeddings=8192), make_bpe_tokenizer()
             label = "tiny random llama (tests/tiny_models.py, BPE tokenizer of tests/eval_helpers.py)"
         else:
             model, tok = load_model(name)

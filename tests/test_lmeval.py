@@ -238,7 +238,8 @@ def test_bos_policy_follows_the_tokenizer():
     for mode in ("none", "once"):
         with pytest.raises(DataError, match="adds BOS"):
             ev.resolve_bos(withbos, mode)
-    assert ev.resolve_bos(plain, "every_chunk") == ("every_chunk", "explicit: bos='every_chunk' (the tokenizer adds no BOS)")
+    assert ev.resolve_bos(plain, "every_chunk") == ("every_chunk",
+                                                    "explicit: bos='every_chunk' (the tokenizer adds no BOS)")
     assert ev.resolve_bos(withbos, "every_chunk")[0] == "every_chunk"
 
 

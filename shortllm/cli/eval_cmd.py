@@ -61,7 +61,8 @@ def _check_tasks(args: argparse.Namespace, tasks: list[str]) -> None:
     elif args.task_source == "local":
         unknown = [t for t in tasks if t not in LOCAL_TASKS]
         if unknown:
-            raise DataError(f"Unknown task(s) {unknown} for --task-source local; local tasks: {', '.join(LOCAL_TASKS)}.")
+            raise DataError(f"Unknown task(s) {unknown} for --task-source local; local tasks: "
+                            f"{', '.join(LOCAL_TASKS)}.")
     if args.limit is not None and args.limit <= 0:
         raise UsageError(f"--limit must be a positive item count, got {args.limit}")
 

@@ -361,7 +361,8 @@ def _mc_rows(name: str, data_dir) -> list[dict]:
             rows.append({"question": it.contexts[0][len("Question: "):-len("\nAnswer:")], "choices": _labelled(ch),
                          "answerKey": chr(ord("A") + it.gold)})
         elif name == "openbookqa":
-            rows.append({"question_stem": it.contexts[0], "choices": _labelled(ch), "answerKey": chr(ord("A") + it.gold)})
+            rows.append({"question_stem": it.contexts[0], "choices": _labelled(ch),
+                         "answerKey": chr(ord("A") + it.gold)})
         elif name == "hellaswag":
             rows.append({"query": it.contexts[0], "choices": ch, "label": str(it.gold)})
         else:  # pragma: no cover - HARNESS_TASKS and this function are kept in step

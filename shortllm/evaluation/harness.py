@@ -28,6 +28,7 @@ evaluator's ``bos="auto"`` applies too; every result records it (``settings.bos`
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -65,10 +66,12 @@ _TEMPLATES = {
                  "metric_list": [_ACC, _ACC_NORM], "metadata": {"version": 1.0}},
     "hellaswag": {**_MC, "doc_to_text": "{{query}}", "doc_to_target": "{{label}}", "doc_to_choice": "choices",
                   "metric_list": [_ACC, _ACC_NORM], "metadata": {"version": 1.0}},
-    "openbookqa": {**_MC, "doc_to_text": "question_stem", "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}",
+    "openbookqa": {**_MC, "doc_to_text": "question_stem",
+                   "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}",
                    "doc_to_choice": "{{choices.text}}", "metric_list": [_ACC, _ACC_NORM], "metadata": {"version": 1.0}},
     "lambada_openai": {"output_type": "loglikelihood", "test_split": "test",
-                       "doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}", "doc_to_target": "{{' '+text.split(' ')[-1]}}",
+                       "doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}",
+                       "doc_to_target": "{{' '+text.split(' ')[-1]}}",
                        "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
                                        _ACC], "metadata": {"version": 1.0}},
 }
@@ -142,9 +145,9 @@ def write_local_tasks(tasks: Sequence[str], out_dir: str | os.PathLike, data_dir
                             {"task": f"mmlu_{subject}", "task_alias": subject, "tag": f"mmlu_{cat}_tasks",
                              **_json_source(files, cache), "description": _mmlu_description(subject), **_MMLU})
             for cat in sorted(set(MMLU_CATEGORIES.values())):
-                _write_yaml(out / f"_mmlu_{cat}.yaml", {"group": f"mmlu_{cat}", "group_alias": cat,
-                                                        "task": [f"mmlu_{cat}_tasks"],
-                                                        "aggregate_metric_list": _GROUP_AGG, "metadata": {"version": 2}})
+                _write_yaml(out / f"_mmlu_{cat}.yaml",
+                            {"group": f"mmlu_{cat}", "group_alias": cat, "task": [f"mmlu_{cat}_tasks"],
+                             "aggregate_metric_list": _GROUP_AGG, "metadata": {"version": 2}})
             _write_yaml(out / "_mmlu.yaml", {"group": "mmlu", "task": [f"mmlu_{c}" for c in MMLU_GROUPS],
                                              "aggregate_metric_list": _GROUP_AGG, "metadata": {"version": 2}})
         else:
@@ -199,8 +202,11 @@ def _flatten(raw: dict) -> dict:
         tasks[name] = {**m, "n": n, "metric": rep, "score": m.get(rep)}
     if "mmlu" in results:
         sizes = {k[len("mmlu_"):]: int(v.get("effective", 0)) for k, v in n_samples.items() if k.startswith("mmlu_")}
-        subjects = {k[len("mmlu_"):]: {**_metrics(v, sizes.get(k[len("mmlu_"):], 0)), "n": sizes.get(k[len("mmlu_"):], 0)}
-                    for k, v in results.items() if k.startswith("mmlu_") and k[len("mmlu_"):] not in MMLU_GROUPS}
+        subjects = {}
+        for k, v in results.items():
+            sub = k[len("mmlu_"):]
+            if k.startswith("mmlu_") and sub not in MMLU_GROUPS:
+                subjects[sub] = {**_metrics(v, sizes.get(sub, 0)), "n": sizes.get(sub, 0)}
         cats = {}
         for c in MMLU_GROUPS:
             if f"mmlu_{c}" in results:
@@ -257,12 +263,15 @@ def harness_eval(model: nn.Module, tokenizer, tasks: Sequence[str], *, num_fewsh
     with tempfile.TemporaryDirectory(prefix="shortllm-lmeval-") as tmp:
         runs = []
         if local:
-            runs.append((write_local_tasks(local, tmp, data_dir, limit), TaskManager(include_path=tmp, include_defaults=False)))
+            names = write_local_tasks(local, tmp, data_dir, limit)
+            runs.append((names, TaskManager(include_path=tmp, include_defaults=False)))
         if remote:
             runs.append((remote, TaskManager()))
+        quiet = {} if progress else {"TQDM_DISABLE": "1"}  # lm-eval draws its bars with tqdm, which reads this
         for names, tm in runs:
-            raw = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
-                                  log_samples=log_samples, bootstrap_iters=0, verbosity="ERROR")
+            with _env(quiet):
+                raw = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                                      log_samples=log_samples, bootstrap_iters=0, verbosity="ERROR")
             if raw is None:  # only a non-zero rank of a distributed run gets None
                 continue
             flat.update(_flatten(raw))
@@ -274,6 +283,20 @@ def harness_eval(model: nn.Module, tokenizer, tasks: Sequence[str], *, num_fewsh
                 "seconds": round(time.perf_counter() - t0, 2)}
     return HarnessResult(tasks=flat, mean=sum(seven) / len(seven) if seven else None, settings=settings,
                          samples=samples if log_samples else None)
+
+
+@contextlib.contextmanager
+def _env(values: dict):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _lm_eval_version() -> str:
