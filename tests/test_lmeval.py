@@ -281,3 +281,16 @@ def test_smollm2_policy_is_the_seed_protocol(smollm2):
     _, tok = smollm2
     assert not ev.tokenizer_adds_bos(tok)
     assert ev.resolve_bos(tok)[0] == "none"
+
+
+def test_local_rows_cover_the_full_splits(data_dir):
+    """Every local file converts whole: the standard split sizes, MMLU's 14,042 test and 285 dev questions, and no
+    WinoGrande target that lm-eval would read as a choice index (a digit-only string)."""
+    from shortllm.data.tasks import MMLU_SUBJECTS, TASKS, harness_rows, mmlu_rows
+
+    for name, spec in TASKS.items():
+        assert len(harness_rows(name, data_dir)) == spec.expected, name
+    assert not [r for r in harness_rows("winogrande", data_dir) if r["target"].isdigit()]
+    assert len(harness_rows("lambada_openai", data_dir)) == 5153
+    assert sum(len(mmlu_rows(s, "test", data_dir)) for s in MMLU_SUBJECTS) == 14042
+    assert sum(len(mmlu_rows(s, "dev", data_dir)) for s in MMLU_SUBJECTS) == 285
