@@ -47,7 +47,7 @@ def _evaluate(model, tok, args) -> dict:
     from shortllm.evaluation.harness import harness_eval
 
     t0 = time.perf_counter()
-    h = harness_eval(model, tok, TASKS, limit=args.limit, batch_size=args.batch_size, progress=False).to_dict()
+    h = harness_eval(model, tok, TASKS, limit=args.limit, batch_size=args.batch_size).to_dict()
     ppl = perplexity(model, tok, "wikitext2", max_chunks=args.ppl_chunks, batch_size=args.batch_size,
                      progress=False).to_dict()
     scores = {t: h["tasks"][t]["score"] for t in TASKS}

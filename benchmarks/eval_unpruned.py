@@ -60,8 +60,7 @@ def _task_piece(model, tok, name: str, limit, batch_size: int) -> dict:
 def _mmlu_piece(model, tok, limit, num_fewshot: int, batch_size: int) -> dict:
     from shortllm.evaluation.harness import harness_eval
 
-    return harness_eval(model, tok, ["mmlu"], limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                        progress=False).to_dict()
+    return harness_eval(model, tok, ["mmlu"], limit=limit, num_fewshot=num_fewshot, batch_size=batch_size).to_dict()
 
 
 def _full_minutes(part: dict, n_full: int) -> float:

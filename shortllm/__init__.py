@@ -25,6 +25,7 @@ _EXPORTS = {
     "load_fused": "shortllm.pruning.fusion",
     "perplexity": "shortllm.evaluation.corpus_ppl",
     "zeroshot": "shortllm.evaluation.zero_shot",
+    "harness_eval": "shortllm.evaluation.harness",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     add_dtype_arg(p, default="float32")
     add_device_arg(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars of shortllm's own (lm-eval draws its own and has no switch for them)")
     p.add_argument("-o", "--output", default="eval.json", help="JSON report path (the .md goes next to it)")
     p.set_defaults(func=run)
 
@@ -102,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
         from shortllm.evaluation.harness import harness_eval
 
         report["harness"] = harness_eval(model, tok, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                         batch_size=args.batch_size, source=args.task_source,
-                                         progress=not args.no_progress).to_dict()
+                                         batch_size=args.batch_size, source=args.task_source).to_dict()
     elif tasks:
         from shortllm.evaluation.zero_shot import zeroshot
 

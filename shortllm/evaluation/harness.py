@@ -28,7 +28,6 @@ evaluator's ``bos="auto"`` applies too; every result records it (``settings.bos`
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -226,14 +225,14 @@ def _category(subject: str) -> str:
 
 def harness_eval(model: nn.Module, tokenizer, tasks: Sequence[str], *, num_fewshot: int = 0,
                  limit: Optional[int] = None, batch_size: int = 8, data_dir=None, source: str = "auto",
-                 log_samples: bool = False, progress: bool = True) -> HarnessResult:
+                 log_samples: bool = False) -> HarnessResult:
     """Evaluate ``model`` with lm-eval-harness on ``tasks`` (see the module docstring).
 
     ``source``: ``auto`` (local YAMLs for the tasks in `LOCAL_TASKS` when ``$SHORTLLM_DATA``/``data_dir``
     is set, the registry otherwise), ``local`` or ``registry``. ``limit``: the first N documents of each
     task (MMLU: of each subject), as lm-eval's ``--limit``. ``num_fewshot`` > 0 is for MMLU (the dev
     split's first N, lm-eval's ``first_n``) or registry tasks; the other local tasks have no few-shot
-    split here, so it is an error for them."""
+    split here, so it is an error for them. lm-eval draws its own progress bars (it has no switch for them)."""
     require_lm_eval()
     from shortllm.evaluation.corpus_ppl import tokenizer_adds_bos
 
@@ -267,11 +266,9 @@ def harness_eval(model: nn.Module, tokenizer, tasks: Sequence[str], *, num_fewsh
             runs.append((names, TaskManager(include_path=tmp, include_defaults=False)))
         if remote:
             runs.append((remote, TaskManager()))
-        quiet = {} if progress else {"TQDM_DISABLE": "1"}  # lm-eval draws its bars with tqdm, which reads this
         for names, tm in runs:
-            with _env(quiet):
-                raw = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
-                                      log_samples=log_samples, bootstrap_iters=0, verbosity="ERROR")
+            raw = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                                  log_samples=log_samples, bootstrap_iters=0, verbosity="ERROR")
             if raw is None:  # only a non-zero rank of a distributed run gets None
                 continue
             flat.update(_flatten(raw))
@@ -283,20 +280,6 @@ def harness_eval(model: nn.Module, tokenizer, tasks: Sequence[str], *, num_fewsh
                 "seconds": round(time.perf_counter() - t0, 2)}
     return HarnessResult(tasks=flat, mean=sum(seven) / len(seven) if seven else None, settings=settings,
                          samples=samples if log_samples else None)
-
-
-@contextlib.contextmanager
-def _env(values: dict):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _lm_eval_version() -> str:
