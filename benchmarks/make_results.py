@@ -8,7 +8,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["score", "cosine_span", "ops", "ppl", "speed", "eval", "reproduce", "retrain", "distributed",
-         "offload_smollm", "offload", "coverage", "gpu_cpu_mode", "gpu"]
+         "offload_smollm", "offload", "coverage", "gpu_cpu_mode", "gpu",
+         "eval_lmeval", "eval_published"]
 
 
 def main() -> None:
