@@ -52,9 +52,12 @@ def _ppl_piece(model, tok, ds: str, proto: str, bos: str, batch_size: int, max_c
 
 
 def _task_piece(model, tok, name: str, limit, batch_size: int) -> dict:
-    from shortllm.evaluation.zero_shot import zeroshot
+    # lm-eval-harness (the built-in scorer gave the same per-item predictions and was not faster:
+    # results/eval_lmeval.md); parts already on disk were scored by the built-in scorer
+    from shortllm.evaluation.harness import harness_eval
 
-    return zeroshot(model, tok, [name], limit=limit, batch_size=batch_size).tasks[name]
+    res = harness_eval(model, tok, [name], limit=limit, batch_size=batch_size)
+    return {**res.tasks[name], "seconds": res.settings["seconds"], "bos": res.settings["bos"]}
 
 
 def _mmlu_piece(model, tok, limit, num_fewshot: int, batch_size: int) -> dict:

@@ -144,7 +144,8 @@ def test_templates_are_those_of_the_installed_lm_eval():
 
 @pytest.mark.parametrize("with_bos", [False, True])
 def test_builtin_scorer_equals_lm_eval_item_by_item(data_dir, tmp_path, with_bos):
-    """The built-in scorer (kept: same numbers, faster; benchmarks/results/eval_lmeval.md) against lm-eval's
+    """The built-in scorer (still used by benchmarks/reproduce_paper.py on preloaded items; not faster than lm-eval,
+    benchmarks/results/eval_lmeval.md, so `shortllm eval` uses lm-eval only) against lm-eval's
     per-choice log-likelihoods and per-item predictions, with a tokenizer that adds BOS and one that does not."""
     from shortllm.evaluation.zero_shot import zeroshot
 
@@ -216,8 +217,7 @@ def test_harness_errors(tiny, data_dir, tmp_path, monkeypatch):
         mmlu_rows("astrology", "test", data_dir)
     monkeypatch.setattr("shortllm.model.loading.load_model", lambda name, **kw: (model, tok))
     out = tmp_path / "e.json"
-    assert main(["eval", "tiny", "--ppl", "none", "--tasks", "piqa", "--scorer", "builtin", "--num-fewshot", "5",
-                 "-o", str(out)]) == 2
+    assert main(["eval", "tiny", "--ppl", "none", "--tasks", "piqa", "--num-fewshot", "5", "-o", str(out)]) == 2
     assert main(["eval", "tiny", "--ppl", "none", "--tasks", "nope", "--task-source", "local", "-o", str(out)]) == 2
     assert not out.exists()
 

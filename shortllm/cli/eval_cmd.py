@@ -31,8 +31,6 @@ def add_parser(sub) -> None:
                    help="first N documents of each task (MMLU: of each subject; default: all)")
     p.add_argument("--task-source", default="auto", choices=("auto", "local", "registry"),
                    help="auto: local YAMLs for the local tasks when $SHORTLLM_DATA is set, else lm-eval's registry")
-    p.add_argument("--scorer", default="lm-eval", choices=("lm-eval", "builtin"),
-                   help="lm-eval (default) or the built-in scorer of the 7 zero-shot tasks (same numbers, faster)")
     p.add_argument("--protocol", default="llm-pruner", help="llm-pruner and/or gptq (comma list)")
     p.add_argument("--seq-len", type=int, default=None, help="chunk length (default 128 llm-pruner, 2048 gptq)")
     p.add_argument("--bos", default="auto",
@@ -49,17 +47,9 @@ def add_parser(sub) -> None:
 
 
 def _check_tasks(args: argparse.Namespace, tasks: list[str]) -> None:
-    from shortllm.data.tasks import task_spec
     from shortllm.evaluation.harness import LOCAL_TASKS
 
-    if args.scorer == "builtin":
-        for t in tasks:
-            task_spec(t)  # the built-in scorer knows the 7 zero-shot tasks only
-        if args.num_fewshot:
-            raise UsageError("--num-fewshot does not apply with --scorer builtin (0-shot only); drop it")
-        if args.task_source != "auto":
-            raise UsageError("--task-source does not apply with --scorer builtin (local files only); drop it")
-    elif args.task_source == "local":
+    if args.task_source == "local":
         unknown = [t for t in tasks if t not in LOCAL_TASKS]
         if unknown:
             raise DataError(f"Unknown task(s) {unknown} for --task-source local; local tasks: "
@@ -84,14 +74,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--num-fewshot/--limit apply to --tasks only; drop them or give --tasks")
     if not ppl_sets and not tasks:
         raise DataError("Nothing to evaluate: give --ppl and/or --tasks.")
-    if tasks and args.scorer == "lm-eval":
+    if tasks:
         from shortllm.evaluation.harness import require_lm_eval
         require_lm_eval()
     out = check_output_file(args.output)
     model, tok = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     report = {"model": args.model, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "dtype": args.dtype, "device": args.device, "versions": versions(), "perplexity": [],
-              "harness": None, "zeroshot": None}
+              "harness": None}
     t0 = time.perf_counter()
     for proto in split_list(args.protocol):
         for bos in split_list(args.bos, none_is_empty=False) or ["auto"]:
@@ -99,16 +89,11 @@ def run(args: argparse.Namespace) -> int:
                 r = perplexity(model, tok, ds, seq_len=args.seq_len, protocol=proto, bos=bos,
                                batch_size=args.batch_size, max_chunks=args.max_chunks, progress=not args.no_progress)
                 report["perplexity"].append(r.to_dict())
-    if tasks and args.scorer == "lm-eval":
+    if tasks:
         from shortllm.evaluation.harness import harness_eval
 
         report["harness"] = harness_eval(model, tok, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                                          batch_size=args.batch_size, source=args.task_source).to_dict()
-    elif tasks:
-        from shortllm.evaluation.zero_shot import zeroshot
-
-        report["zeroshot"] = zeroshot(model, tok, tasks, limit=args.limit, batch_size=args.batch_size,
-                                      progress=not args.no_progress).to_dict()
     report["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     atomic_write_text(out.with_suffix(".md"), render_markdown(report))

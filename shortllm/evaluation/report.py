@@ -18,9 +18,8 @@ def zeroshot_table(tasks: dict) -> list[str]:
     """Markdown lines of a zero-shot table (task name -> `TaskResult` dict) ending with the mean row."""
     lines = ["| task | n | acc | acc_norm | reported | time (s) |", "|---|---:|---:|---:|---:|---:|"]
     for name, t in tasks.items():
-        lines.append(f"| {name} | {t['n']} | {100 * t['acc']:.2f} ± {100 * t['acc_stderr']:.2f} | "
-                     f"{100 * t['acc_norm']:.2f} ± {100 * t['acc_norm_stderr']:.2f} | "
-                     f"{100 * t['score']:.2f} ({t['metric']}) | {t['seconds']:.0f} |")
+        lines.append(f"| {name} | {t['n']} | {_pm(t, 'acc')} | {_pm(t, 'acc_norm')} | "
+                     f"{100 * t['score']:.2f} ({t['metric']}) | {t.get('seconds', 0):.0f} |")
     mean = sum(t["score"] for t in tasks.values()) / len(tasks)
     return lines + [f"| **mean of {len(tasks)}** | | | | **{100 * mean:.2f}** | |"]
 
