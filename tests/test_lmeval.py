@@ -212,6 +212,8 @@ def test_harness_errors(tiny, data_dir, tmp_path, monkeypatch):
         H.harness_eval(model, tok, ["arc_easy"], num_fewshot=2, data_dir=data_dir)
     with pytest.raises(DataError, match="No local data"):
         H.harness_eval(model, tok, ["arc_esay"], source="local", data_dir=data_dir)
+    with pytest.raises(DataError, match="nor in lm-eval"):
+        H.harness_eval(model, tok, ["arc_esay"], data_dir=data_dir)
     with pytest.raises(DataError, match="Unknown MMLU subject"):
         from shortllm.data.tasks import mmlu_rows
         mmlu_rows("astrology", "test", data_dir)

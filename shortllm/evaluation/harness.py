@@ -265,7 +265,12 @@ def harness_eval(model: nn.Module, tokenizer, tasks: Sequence[str], *, num_fewsh
             names = write_local_tasks(local, tmp, data_dir, limit)
             runs.append((names, TaskManager(include_path=tmp, include_defaults=False)))
         if remote:
-            runs.append((remote, TaskManager()))
+            registry = TaskManager()
+            unknown = [t for t in remote if t not in registry.all_tasks]
+            if unknown:
+                raise DataError(f"Unknown task(s) {unknown}: neither local ({', '.join(LOCAL_TASKS)}) nor in "
+                                f"lm-eval {_lm_eval_version()}'s registry (`lm-eval ls tasks` lists it).")
+            runs.append((remote, registry))
         for names, tm in runs:
             raw = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                                   log_samples=log_samples, bootstrap_iters=0, verbosity="ERROR")
