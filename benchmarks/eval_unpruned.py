@@ -52,17 +52,26 @@ def _ppl_piece(model, tok, ds: str, proto: str, bos: str, batch_size: int, max_c
 
 
 def _task_piece(model, tok, name: str, limit, batch_size: int) -> dict:
-    from shortllm.evaluation.zero_shot import zeroshot
+    # lm-eval-harness (the built-in scorer gave the same per-item predictions and was not faster:
+    # results/eval_lmeval.md); parts already on disk were scored by the built-in scorer
+    from shortllm.evaluation.harness import harness_eval
 
-    return zeroshot(model, tok, [name], limit=limit, batch_size=batch_size).tasks[name]
+    res = harness_eval(model, tok, [name], limit=limit, batch_size=batch_size)
+    return {**res.tasks[name], "seconds": res.settings["seconds"], "bos": res.settings["bos"]}
+
+
+def _mmlu_piece(model, tok, limit, num_fewshot: int, batch_size: int) -> dict:
+    from shortllm.evaluation.harness import harness_eval
+
+    return harness_eval(model, tok, ["mmlu"], limit=limit, num_fewshot=num_fewshot, batch_size=batch_size).to_dict()
 
 
 def _full_minutes(part: dict, n_full: int) -> float:
     return part["wall_s"] * n_full / part["n"] / 60
 
 
-def _render(ppl: list[dict], tasks: dict, limits: dict) -> str:
-    from shortllm.evaluation.report import ppl_table, zeroshot_table
+def _render(ppl: list[dict], tasks: dict, limits: dict, mmlu: dict | None = None) -> str:
+    from shortllm.evaluation.report import harness_table, ppl_table, zeroshot_table
 
     first = (ppl or list(tasks.values()))[0]["stamp"]
     lines = [
@@ -96,6 +105,11 @@ def _render(ppl: list[dict], tasks: dict, limits: dict) -> str:
         "make that produces` = false, items 1-2 = true, as here) and the yes:no count matches (2033:1237).",
         "", "Wall times: 2 CPU threads, one process; other (lower-priority) jobs shared the two "
         f"cores during parts of the run, so they are indicative, not benchmarks. First piece: {first}."]
+    if mmlu:
+        lines += ["", "## MMLU (lm-eval-harness, `mmlu` formulation)", "",
+                  f"Measured {mmlu['stamp']}; wall time {mmlu['wall_s']:.0f} s for {mmlu['tasks']['mmlu']['n']} "
+                  "questions.",
+                  "", *harness_table(mmlu)]
     return "\n".join(lines) + "\n"
 
 
@@ -106,6 +120,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-chunks", type=int, default=None, help="first N perplexity chunks (quick check)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--mmlu-limit", type=int, default=None,
+                    help="MMLU through lm-eval: first N questions per subject (0 = all 14,042; default: not run)")
+    ap.add_argument("--mmlu-shots", type=int, default=0)
     ap.add_argument("--only", default="", help="comma list of piece names to run (default: all)")
     args = ap.parse_args(argv)
 
@@ -134,9 +151,14 @@ def main(argv=None) -> int:
         if limit:
             limits[name] = limit
         tasks[name] = _run_piece(key, functools.partial(_task_piece, model, tok, name, limit, args.batch_size))
-    report = {"perplexity": ppl, "zeroshot": tasks, "limits": limits}
+    mmlu = None
+    if args.mmlu_limit is not None and (not only or "task_mmlu" in only):
+        mmlu = _run_piece(f"task_mmlu_{args.mmlu_shots}shot_limit{args.mmlu_limit}",
+                          functools.partial(_mmlu_piece, model, tok, args.mmlu_limit or None, args.mmlu_shots,
+                                            args.batch_size))
+    report = {"perplexity": ppl, "zeroshot": tasks, "limits": limits, "mmlu": mmlu}
     atomic_write_text(HERE / "results" / "eval.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(HERE / "results" / "eval.md", _render(ppl, tasks, limits))
+    atomic_write_text(HERE / "results" / "eval.md", _render(ppl, tasks, limits, mmlu))
     return 0
 
 

@@ -11,6 +11,7 @@ ORDER = ["score", "cosine_span", "ops", "ppl", "speed", "eval", "reproduce", "re
          "offload_smollm", "offload", "coverage", "gpu_cpu_mode", "gpu", "heal"]
 ORDER += ["recovery_smollm2-135m"]
 ORDER += ["criteria_smollm2-135m", "criteria_gemma3-270m"]
+ORDER += ["eval_lmeval", "eval_published"]
 
 
 def main() -> None:

@@ -173,6 +173,7 @@ def evaluate_model(model, tok, texts: dict[str, str], tasks: dict, knobs: Knobs)
                        batch_size=knobs.eval_batch, progress=False)
         res[f"ppl_{c}"] = p.ppl
         res[f"ppl_{c}_tokens"] = p.n_tokens
+        res["ppl_bos_policy"] = p.settings["bos_policy"]  # which BOS policy the numbers were taken with
     zs = {}
     for name, items in tasks.items():
         reqs = [(c, k) for it in items for c, k in zip(it.contexts, it.continuations)]

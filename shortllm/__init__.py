@@ -27,6 +27,8 @@ _EXPORTS = {
     "zeroshot": "shortllm.evaluation.zero_shot",
     "heal": "shortllm.pruning.healing",
     "Budget": "shortllm.pruning.budget",
+
+    "harness_eval": "shortllm.evaluation.harness",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

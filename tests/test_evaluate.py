@@ -188,12 +188,13 @@ def test_cli_writes_json_and_markdown(tmp_path, monkeypatch, tok):
                  "--no-progress"]) == 0
     rep = json.loads(out.read_text())
     assert [p["settings"]["bos"] for p in rep["perplexity"]] == ["none", "every_chunk"]
-    assert rep["zeroshot"]["tasks"]["piqa"]["n"] == 3 and set(rep["zeroshot"]["tasks"]) == {"piqa", "openbookqa"}
+    assert rep["harness"]["tasks"]["piqa"]["n"] == 3 and set(rep["harness"]["tasks"]) == {"piqa", "openbookqa"}
     md = out.with_suffix(".md").read_text()
-    assert "| wikitext2 |" in md and "| piqa | 3 |" in md and "mean of 2" in md
+    assert "| wikitext2 |" in md and "| piqa | 3 |" in md and "mean of 2 zero-shot" in md
+    assert "BOS policy: tokenizer default: BOS not added" in md and "explicit: bos='none'" in md
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(DataError, match="Unknown task"):
-        main(["--debug", "eval", "tiny", "--tasks", "piqa,nope", "-o", str(out)])
+        main(["--debug", "eval", "tiny", "--tasks", "piqa,nope", "--task-source", "local", "-o", str(out)])
 
 
 # ------------------------------------------------------------------ real model

@@ -288,3 +288,122 @@ def score_items(items: Sequence[MCItem], lls: Sequence[float], metric: str, retu
     return TaskResult(acc=acc, acc_norm=acc_n, n=n, metric=metric, score=acc if metric == "acc" else acc_n,
                       acc_stderr=_stderr(acc, n), acc_norm_stderr=_stderr(acc_n, n),
                       details=details if return_details else None)
+
+
+# ---------------------------------------------------------------- rows in the Hugging Face schemas
+# lm-eval's task YAMLs address the HF datasets' fields (ARC's choices.text/label, PIQA's goal/sol1/sol2,
+# ...). These readers turn each local file into rows of that schema, so the YAMLs `shortllm.evaluation.
+# harness` writes can keep lm-eval's own doc_to_text/doc_to_choice/doc_to_target templates verbatim.
+# Where the local file has lost a field (BoolQ's title, ARC's question ids, HellaSwag's ctx_a/ctx_b split)
+# the row carries what the template needs, rebuilt as the module docstring explains.
+
+HARNESS_TASKS: tuple[str, ...] = DEFAULT_TASKS + ("lambada_openai", "mmlu")
+
+# lm-eval's mmlu grouping (the `tag: mmlu_<category>_tasks` of each lm_eval/tasks/mmlu/default YAML; a
+# test checks this table against the installed lm-eval).
+MMLU_CATEGORIES: dict[str, str] = {
+    **dict.fromkeys((
+        "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
+        "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
+        "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
+        "high_school_mathematics high_school_physics high_school_statistics machine_learning").split(), "stem"),
+    **dict.fromkeys((
+        "formal_logic high_school_european_history high_school_us_history high_school_world_history "
+        "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
+        "prehistory professional_law world_religions").split(), "humanities"),
+    **dict.fromkeys((
+        "econometrics high_school_geography high_school_government_and_politics high_school_macroeconomics "
+        "high_school_microeconomics high_school_psychology human_sexuality professional_psychology "
+        "public_relations security_studies sociology us_foreign_policy").split(), "social_sciences"),
+    **dict.fromkeys((
+        "business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
+        "medical_genetics miscellaneous nutrition professional_accounting professional_medicine "
+        "virology").split(), "other"),
+}
+MMLU_SUBJECTS: tuple[str, ...] = tuple(sorted(MMLU_CATEGORIES))
+
+
+def data_root(data_dir: Optional[str | os.PathLike] = None) -> Path:
+    """``data_dir`` or ``$SHORTLLM_DATA``, checked to exist."""
+    root = data_dir if data_dir is not None else os.environ.get("SHORTLLM_DATA")
+    if not root:
+        raise DataError("No data directory: set SHORTLLM_DATA to the shared data folder "
+                        "(e.g. export SHORTLLM_DATA=../shared/data) or pass data_dir=.")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Data directory {str(root)!r} does not exist; point SHORTLLM_DATA at the shared data folder.")
+    return root
+
+
+def _labelled(choices: Sequence[str]) -> dict:
+    return {"text": list(choices), "label": [chr(ord("A") + i) for i in range(len(choices))]}
+
+
+def _mc_rows(name: str, data_dir) -> list[dict]:
+    """The 7 zero-shot tasks, from the parsed items (one parser per file format, shared with the
+    built-in scorer) back into the fields lm-eval's YAMLs read."""
+    items = load_task(name, data_dir)
+    rows = []
+    for it in items:
+        ch = list(it.choices)
+        if name == "boolq":
+            passage, sep, question = it.contexts[0][: -len("\nAnswer:")].rpartition("\nQuestion: ")
+            if not sep or not question.endswith("?"):
+                raise DataError(f"BoolQ item {len(rows)}: cannot split passage and question ({question[:40]!r}).")
+            rows.append({"passage": passage, "question": question[:-1], "label": it.gold})
+        elif name == "piqa":
+            rows.append({"goal": it.contexts[0][len("Question: "):-len("\nAnswer:")], "sol1": ch[0], "sol2": ch[1],
+                         "label": it.gold})
+        elif name == "winogrande":
+            # lm-eval's partial scoring: the contexts are the choices, the shared target follows " "
+            rows.append({"context_options": list(it.contexts), "target": it.continuations[0][1:], "gold": it.gold})
+        elif name in ("arc_easy", "arc_challenge"):
+            rows.append({"question": it.contexts[0][len("Question: "):-len("\nAnswer:")], "choices": _labelled(ch),
+                         "answerKey": chr(ord("A") + it.gold)})
+        elif name == "openbookqa":
+            rows.append({"question_stem": it.contexts[0], "choices": _labelled(ch),
+                         "answerKey": chr(ord("A") + it.gold)})
+        elif name == "hellaswag":
+            rows.append({"query": it.contexts[0], "choices": ch, "label": str(it.gold)})
+        else:  # pragma: no cover - HARNESS_TASKS and this function are kept in step
+            raise DataError(f"no row reader for {name!r}")
+    return rows
+
+
+def _lambada_rows(root: Path) -> list[dict]:
+    # lm-eval's lambada_openai splits `text` at its last " ": the local file stores the two halves
+    rows = _jsonl(root / "lambada" / "lambada_openai.jsonl", ("context", "continuation"))
+    return [{"text": r["context"] + " " + r["continuation"]} for r in rows]
+
+
+def _mmlu_csv(path: Path, subject: str) -> list[dict]:
+    import csv
+
+    if not path.is_file():
+        raise DataError(f"MMLU file {str(path)!r} is missing; SHORTLLM_DATA must hold mmlu/test and mmlu/dev "
+                        "(shared/data/SOURCES.md).")
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for i, rec in enumerate(csv.reader(f)):
+            if len(rec) != 6 or rec[5] not in ("A", "B", "C", "D"):
+                raise DataError(f"{path} record {i + 1}: expected question,A,B,C,D,answer-letter; got {len(rec)} "
+                                f"fields ending {rec[-1:]!r}.")
+            rows.append({"question": rec[0], "subject": subject, "choices": rec[1:5], "answer": "ABCD".index(rec[5])})
+    return rows
+
+
+def mmlu_rows(subject: str, split: str, data_dir=None) -> list[dict]:
+    """One MMLU subject's ``test`` or ``dev`` CSV as rows of the HF ``cais/mmlu`` schema
+    (question, subject, choices, answer index)."""
+    if subject not in MMLU_CATEGORIES:
+        raise DataError(f"Unknown MMLU subject {subject!r}; valid: {', '.join(MMLU_SUBJECTS)}.")
+    if split not in ("test", "dev"):
+        raise DataError(f"MMLU split must be 'test' or 'dev', got {split!r}.")
+    return _mmlu_csv(data_root(data_dir) / "mmlu" / split / f"{subject}_{split}.csv", subject)
+
+
+def harness_rows(name: str, data_dir=None) -> list[dict]:
+    """A non-MMLU task's local file as rows of the HF dataset lm-eval's YAML reads (file order)."""
+    if name == "lambada_openai":
+        return _lambada_rows(data_root(data_dir))
+    return _mc_rows(task_spec(name).name, data_dir)

@@ -4,7 +4,16 @@ Perplexity, ``protocol="llm-pruner"`` (LLM-Pruner ``PPLMetric``, reused by Short
 ``src/dataset.py``): the split's rows are joined with ``"\\n\\n"`` (WikiText-2 raw **test**, PTB
 **validation** -- PTB too is ``"\\n\\n"``-joined there), tokenised ONCE without special tokens, cut into
 non-overlapping ``seq_len`` chunks (remainder dropped); PPL = exp(mean NLL over every predicted token).
-``bos`` follows Shortened LLaMA's ``add_bos_to_every``:
+``bos`` follows Shortened LLaMA's ``add_bos_to_every``, after the BOS policy (`resolve_bos`):
+
+- ``"auto"`` (default): the policy the model's tokenizer requires. A tokenizer that puts BOS in front of
+  every text it encodes (Gemma: ``add_bos_token=True``) gets ``"every_chunk"`` -- every chunk is a
+  sequence start the model was trained to see after BOS (Gemma-3-270M: WikiText-2 PPL 439 with BOS
+  once, 51 with BOS on every chunk). A tokenizer that adds no BOS (SmolLM2, GPT-2) gets ``"none"``:
+  exactly what the seed code does with it (it tokenises with the default special tokens).
+- ``"none"`` / ``"once"`` on a tokenizer that adds BOS are refused (`DataError`): the numbers would
+  measure the model off its input distribution. Every result records the ``bos`` used and why
+  (``bos_policy``).
 
 - ``"none"``: chunks of ``seq_len`` tokens, ``seq_len - 1`` predictions each.
 - ``"once"``: BOS is prepended to the whole token stream before chunking (Shortened LLaMA's default,
@@ -45,7 +54,7 @@ PROTOCOLS = {
     "gptq": {"seq_len": 2048, "join": {"wikitext2": "\n\n", "ptb": " ", "c4": " "}},
 }
 EVAL_SPLIT = {"wikitext2": "test", "ptb": "validation", "c4": "validation"}
-BOS_MODES = ("none", "once", "every_chunk")
+BOS_MODES = ("auto", "none", "once", "every_chunk")
 
 
 @dataclass
@@ -57,6 +66,36 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# ---------------------------------------------------------------- BOS policy
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` puts its BOS token in front of a text encoded with its default special
+    tokens -- what the model saw at every sequence start in training (Gemma, LLaMA) or not (SmolLM2)."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return False
+    ids = list(tokenizer("a", verbose=False)["input_ids"])
+    return bool(ids) and ids[0] == bos_id
+
+
+def resolve_bos(tokenizer, bos: str = "auto") -> tuple[str, str]:
+    """The BOS mode to run (``none``/``once``/``every_chunk``) and the policy that chose it, for reports.
+
+    ``auto``: ``every_chunk`` if the tokenizer adds BOS, else ``none``. An explicit ``none``/``once`` on a
+    tokenizer that adds BOS raises `DataError` (the protocol does not fit that model)."""
+    if bos not in BOS_MODES:
+        raise DataError(f"Unknown bos mode {bos!r}; valid: {', '.join(BOS_MODES)}.")
+    adds = tokenizer_adds_bos(tokenizer)
+    if bos == "auto":
+        if adds:
+            return "every_chunk", "auto: the tokenizer adds BOS, so BOS starts every chunk"
+        return "none", "auto: the tokenizer adds no BOS, so chunks are plain token runs (seed protocol)"
+    if adds and bos in ("none", "once"):
+        raise DataError(f"bos={bos!r} does not fit this model: its tokenizer adds BOS "
+                        f"({getattr(tokenizer, 'bos_token', None)!r}) to every sequence, so chunks without it "
+                        "are off the model's input distribution. Use bos='auto' (--bos auto) or 'every_chunk'.")
+    return bos, f"explicit: bos={bos!r} (the tokenizer {'adds' if adds else 'adds no'} BOS)"
 
 
 # ---------------------------------------------------------------- perplexity
@@ -95,7 +134,7 @@ def corpus_text(dataset: str, protocol: str = "llm-pruner", split: Optional[str]
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, dataset: str = "wikitext2", *, seq_len: Optional[int] = None,
-               protocol: str = "llm-pruner", bos: str = "none", split: Optional[str] = None,
+               protocol: str = "llm-pruner", bos: str = "auto", split: Optional[str] = None,
                batch_size: int = 8, max_chunks: Optional[int] = None, progress: bool = True,
                data_dir=None) -> PerplexityResult:
     """Perplexity of ``model`` on a named corpus (``wikitext2``/``ptb``/``c4``) or a raw text string.
@@ -106,8 +145,7 @@ def perplexity(model: nn.Module, tokenizer, dataset: str = "wikitext2", *, seq_l
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"Unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}.")
-    if bos not in BOS_MODES:
-        raise DataError(f"Unknown bos mode {bos!r}; valid: {', '.join(BOS_MODES)}.")
+    bos, bos_policy = resolve_bos(tokenizer, bos)
     seq_len = int(seq_len or PROTOCOLS[protocol]["seq_len"])
     if seq_len < 2 and bos != "every_chunk":
         raise DataError(f"seq_len={seq_len} leaves nothing to predict; use seq_len >= 2.")
@@ -135,7 +173,8 @@ def perplexity(model: nn.Module, tokenizer, dataset: str = "wikitext2", *, seq_l
         bar.update(ids.shape[0])
         bar.set_postfix(ppl=f"{math.exp(nll_sum / n_tok):.3f}")
     bar.close()
-    settings = dict(info, protocol=protocol, seq_len=seq_len, bos=bos, n_chunks=int(chunks.shape[0]),
+    settings = dict(info, protocol=protocol, seq_len=seq_len, bos=bos, bos_policy=bos_policy,
+                    n_chunks=int(chunks.shape[0]),
                     chunk_tokens=int(chunks.shape[1]), batch_size=batch_size, max_chunks=max_chunks,
                     seconds=round(time.perf_counter() - t0, 2))
     return PerplexityResult(ppl=math.exp(nll_sum / n_tok), nll_sum=nll_sum, n_tokens=n_tok, settings=settings)

@@ -15,15 +15,23 @@ from tqdm.auto import tqdm
 
 from shortllm.data.tasks import DEFAULT_TASKS, load_task, score_items, task_spec
 from shortllm.errors import DataError
+from shortllm.evaluation.corpus_ppl import tokenizer_adds_bos
 from shortllm.evaluation.head import encode_text, head_hidden, lm_head_and_params
 from shortllm.model.adapters import model_device
 from shortllm.ops import lm_head_nll
 
 
+def _encode_default(tokenizer, text: str) -> list[int]:
+    # lm-eval's HFLM.tok_encode with add_bos_token=None: the tokenizer's own special tokens, i.e. BOS in
+    # front exactly when the tokenizer adds it (Gemma yes, SmolLM2 no) -- the BOS policy of `resolve_bos`
+    return list(tokenizer(text, verbose=False)["input_ids"])
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval 0.4 ``_encode_pair``: trailing spaces of the context move to the continuation; the pair
-    is tokenised together and the continuation's tokens are those after the context's tokens. An empty
-    context becomes the BOS (else EOS) token, as lm-eval's ``prefix_token_id``."""
+    is tokenised together (with the tokenizer's default special tokens) and the continuation's tokens are
+    those after the context's tokens. An empty context becomes the BOS (else EOS) token, as lm-eval's
+    ``prefix_token_id``."""
     if context == "":
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         return [prefix], encode_text(tokenizer, continuation)
@@ -31,8 +39,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = encode_text(tokenizer, context + continuation)
-    ctx = encode_text(tokenizer, context)
+    whole = _encode_default(tokenizer, context + continuation)
+    ctx = _encode_default(tokenizer, context)
     return ctx, whole[len(ctx):]
 
 
@@ -126,4 +134,6 @@ def zeroshot(model: nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, 
     mean = sum(r.score for r in results.values()) / len(results)
     return ZeroShotResult(tasks={k: asdict(v) for k, v in results.items()}, mean=mean,
                           settings={"limit": limit, "batch_size": batch_size, "num_fewshot": 0,
+                                    "bos": "tokenizer default: BOS " + ("added" if tokenizer is not None and
+                                                                       tokenizer_adds_bos(tokenizer) else "not added"),
                                     "semantics": "lm-eval-harness 0.4 (loglikelihood, target delimiter ' ')"})
