@@ -27,7 +27,6 @@ _EXPORTS = {
     "zeroshot": "shortllm.evaluation.zero_shot",
     "heal": "shortllm.pruning.healing",
     "Budget": "shortllm.pruning.budget",
-
     "harness_eval": "shortllm.evaluation.harness",
 }
 
