@@ -9,6 +9,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ORDER = ["score", "cosine_span", "ops", "ppl", "speed", "eval", "reproduce", "retrain", "distributed",
          "offload_smollm", "offload", "coverage", "gpu_cpu_mode", "gpu"]
+ORDER += ["gguf_quant"]
 
 
 def main() -> None:

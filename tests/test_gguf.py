@@ -276,3 +276,59 @@ def test_cli_models_lists_builtins(capsys, tmp_path, monkeypatch):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["gemma3-270m"]["blocks"] == 18 and rows["smollm2-135m"]["blocks"] == 30
     assert rows["gemma3-270m"]["cached"] is False, "an empty cache dir holds no converted model"
+
+
+# --------------------------------------------------------------------------- exported tiny models in llama.cpp
+V_CPP = 320  # room for SentencePiece's 256 byte tokens, which llama.cpp's vocabulary loader looks up
+
+
+def _tokenizer_gguf(path, arch):
+    """A GGUF holding only a minimal SentencePiece-style vocabulary (what llama.cpp needs to load a model)."""
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    toks += [f"\u2581w{i}" for i in range(V_CPP - len(toks))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (V_CPP - 259)
+    w = GGUFWriter(str(path), arch)
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_key_value("tokenizer.ggml.tokens", toks, GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
+    w.add_key_value("tokenizer.ggml.scores", [0.0] * V_CPP, GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32)
+    w.add_key_value("tokenizer.ggml.token_type", types, GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
+    for k, v in (("bos", 1), ("eos", 2), ("unknown", 0)):
+        w.add_uint32(f"tokenizer.ggml.{k}_token_id", v)
+    w.add_bool("tokenizer.ggml.add_bos_token", False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_exported_tiny_gguf_in_llamacpp(tmp_path, model_type, quant):
+    """llama.cpp's log-probabilities on an exported, pruned tiny model equal transformers' on the same weights
+    (reloaded from the file): f32 to float tolerance, q8_0 within its activation quantization."""
+    from shortllm.testing import llamacpp as LC
+
+    if LC.available() is not None:
+        pytest.skip(LC.available())
+    gemma = model_type == "gemma3_text"
+    model = _tiny(model_type, n=12 if gemma else 6) if not gemma else make_tiny(
+        model_type, num_layers=12, sliding_window_pattern=6, final_logit_softcapping=None, seed=1, head_dim=256,
+        query_pre_attn_scalar=256, num_attention_heads=2, num_key_value_heads=1, vocab_size=V_CPP)
+    if not gemma:
+        model = make_tiny(model_type, num_layers=6, seed=1, vocab_size=V_CPP)
+    prune(model, make_plan(None, model=model, blocks=[0, 1, 2, 3, 4, 5] if gemma else [2]))
+    arch = "gemma3" if gemma else "llama"
+    out = export(model, tmp_path / "m.gguf", format="gguf", quant=quant,
+                 tokenizer_from=_tokenizer_gguf(tmp_path / "tok.gguf", arch))
+    back = _reload(out)
+    # word tokens only: a lone byte token is incomplete UTF-8, which llama.cpp holds back with its log-prob
+    ids = torch.randint(259, V_CPP, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        want = torch.log_softmax(back(torch.tensor([ids])).logits[0, :-1].double(), -1)
+    want = want.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    with LC.LlamaCpp(out, n_ctx=64, threads=1) as lc:
+        got = torch.tensor(lc.sequence_logprobs(ids), dtype=torch.float64)
+        assert len(lc.generate(ids[:4], 4)) > 0
+    tol = 2e-3 if quant == "f32" else 5e-2
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)

@@ -138,7 +138,7 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, quant: str = "f16",
     tmap = get_tensor_name_map(arch_enum, L)
     tok_fields = []
     if tokenizer_from is not None:
-        src = read_header(tokenizer_from)
+        src = read_header(tokenizer_from, require_blocks=False)
         if src.arch != arch:
             raise ExportError(f"tokenizer_from={tokenizer_from} is a {src.arch} GGUF, the model is {arch}; pass the "
                               "GGUF the model came from")

@@ -77,15 +77,16 @@ def _field_value(f) -> Any:
     return f.contents()
 
 
-def read_header(path: str | os.PathLike) -> GGUFHeader:
-    """Parse ``path``'s metadata and tensor names (no tensor data is read)."""
+def read_header(path: str | os.PathLike, require_blocks: bool = True) -> GGUFHeader:
+    """Parse ``path``'s metadata and tensor names (no tensor data is read). ``require_blocks=False`` also
+    accepts a file without ``{arch}.block_count`` (block_count 0; e.g. a tokenizer-only GGUF)."""
     r = _reader(path)
     meta = {name: _field_value(f) for name, f in r.fields.items() if not name.startswith(_VIRTUAL)}
     arch = meta.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise ModelLoadError(f"{path} has no general.architecture; it is not a model GGUF file")
-    n = meta.get(f"{arch}.block_count")
-    if not isinstance(n, int) or n < 1:
+    n = meta.get(f"{arch}.block_count", None if require_blocks else 0)
+    if not isinstance(n, int) or (n < 1 and require_blocks):
         raise ModelLoadError(f"{path} has no {arch}.block_count; shortllm can only prune GGUF files of "
                              "block-structured models")
     blocks: dict[int, list[str]] = {}
