@@ -85,7 +85,7 @@ def run_model(name: str, chunks_n: int, seq_len: int, work: Path, log) -> dict:
                 Path(files[q]).unlink()
         out["cells"][key] = row
     base = out["cells"]["0%"]["f32"]
-    for key, row in out["cells"].items():
+    for row in out["cells"].values():
         r_prune = row["f32"] / base
         for q in ("q8_0", "orig"):
             r_quant = out["cells"]["0%"][q] / base
@@ -134,14 +134,16 @@ def main() -> None:
     res = {"stamp": stamp(), "machine": stamp_dict(), "load": load_average(), "chunks": args.chunks,
            "seq_len": args.seq_len, "xllamacpp": xllamacpp.__version__, "models": {}}
     t0 = time.perf_counter()
+    start_load = res["load"]
+    out = HERE / "results"
     with tempfile.TemporaryDirectory(prefix="gguf_quant_") as d:
         for name in args.models.split(","):
             res["models"][name] = run_model(name, args.chunks, args.seq_len, Path(d), lambda s: print(s, flush=True))
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    res["load"] += f" at start; {load_average()} at the end; {res['seconds']} s in all"
-    out = HERE / "results"
-    write_report(out / "gguf_quant.json", json.dumps(res, indent=1))
-    write_report(out / "gguf_quant.md", markdown(res))
+            # written after each model, so a long run keeps what it has finished
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            res["load"] = f"{start_load} at start; {load_average()} at the end; {res['seconds']} s in all"
+            write_report(out / "gguf_quant.json", json.dumps(res, indent=1))
+            write_report(out / "gguf_quant.md", markdown(res))
 
 
 if __name__ == "__main__":

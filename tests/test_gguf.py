@@ -332,3 +332,38 @@ def test_exported_tiny_gguf_in_llamacpp(tmp_path, model_type, quant):
         assert len(lc.generate(ids[:4], 4)) > 0
     tol = 2e-3 if quant == "f32" else 5e-2
     torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
+# --------------------------------------------------------------------------- choosing expressible plans
+def test_make_gguf_plan_and_cli_flag(tmp_path, capsys):
+    from tiny_models import random_batch
+
+    from shortllm.pruning.gguf_plans import make_gguf_plan
+    from shortllm.scoring.engine import score_fast
+
+    model = _tiny("gemma3_text", n=12)
+    data = [random_batch(batch=2, seq=9, seed=s, pad=False) for s in range(2)]
+    scores = score_fast(model, data, metrics=("bi",), progress=False)
+    values = scores.per_block("bi").tolist()
+    plan = make_gguf_plan(scores, "bi", model=model, remove=3)
+    assert len(plan.removed) == 3 and layout_problem("gemma3", 12, plan.removed) is None
+    assert plan.removed == best_expressible_blocks(values, "gemma3", 3)
+    greedy = make_plan(scores, "bi", model=model, remove=3)
+    if layout_problem("gemma3", 12, greedy.removed) is None:
+        assert plan.removed == greedy.removed, "an expressible greedy plan is kept as it is"
+    else:
+        assert plan.mode == "remove+gguf_expressible"
+        assert sum(values[i] for i in plan.removed) >= sum(values[i] for i in greedy.removed)
+    # a llama plan is never constrained
+    llama = _tiny("llama")
+    ls = score_fast(llama, data, metrics=("bi",), progress=False)
+    assert make_gguf_plan(ls, "bi", model=llama, remove=2).removed == make_plan(ls, "bi", model=llama, remove=2).removed
+    # CLI on a checkpoint dir: --gguf-expressible picks the same plan; it is refused where it cannot apply
+    model.save_pretrained(tmp_path / "g")
+    scores.save(tmp_path / "s.json")
+    assert main(["prune", str(tmp_path / "g"), "--scores", str(tmp_path / "s.json"), "--metric", "bi", "--remove",
+                 "3", "--gguf-expressible", "-o", str(tmp_path / "out"), "--plan-out", str(tmp_path / "p.json")]) == 0
+    assert Plan.load(tmp_path / "p.json").removed == plan.removed
+    capsys.readouterr()
+    assert main(["prune", str(tmp_path / "g"), "--blocks", "2", "--gguf-expressible", "-o", str(tmp_path / "o2")]) == 2
+    assert "--gguf-expressible" in capsys.readouterr().err

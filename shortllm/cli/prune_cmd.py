@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     if str(args.model).lower().endswith(".gguf"):
         return _run_gguf(args)
-    if args.gguf_expressible and (args.ratio is None and args.remove is None):
-        raise UsageError("--gguf-expressible chooses among plans: it applies with --ratio/--remove only")
+    if args.gguf_expressible and (args.span or (args.ratio is None and args.remove is None)):
+        raise UsageError("--gguf-expressible chooses among block plans: it applies with --ratio/--remove "
+                         "(not --span, --blocks or --plan)")
     if args.plan is not None:
         given = [f for f, v in (("--scores", args.scores), ("--metric", args.metric), ("--protect", args.protect),
                                 ("--span", args.span or None)) if v is not None]
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         plan = Plan.load(args.plan, model=model)
     else:
         blocks = [int(x) for x in args.blocks.split(",") if x.strip()] if args.blocks else None
-        if args.gguf_expressible and not args.span:
+        if args.gguf_expressible:
             from shortllm.pruning.gguf_plans import make_gguf_plan
 
             plan = make_gguf_plan(scores, args.metric, model=model, remove=args.remove, ratio=args.ratio,
