@@ -76,8 +76,9 @@ def run_model(name: str, chunks_n: int, seq_len: int, work: Path, log) -> dict:
         for q in COLUMNS:
             t0 = time.perf_counter()
             with LlamaCpp(files[q], n_ctx=seq_len + 8, threads=1) as lc:
-                ppl = lc.perplexity(chunks, progress=True)
+                ppl, mask = lc.perplexity(chunks, progress=True)
             row[q] = ppl
+            row[f"{q}_tokens"] = sum(map(sum, mask))  # same in every cell: withheld tokens depend on the token
             row[f"{q}_seconds"] = round(time.perf_counter() - t0, 1)
             row[f"{q}_file_mb"] = round(Path(files[q]).stat().st_size / 2**20, 1)
             log(f"{name} {key} {q}: ppl {ppl:.3f} ({row[f'{q}_seconds']} s)")
@@ -92,6 +93,7 @@ def run_model(name: str, chunks_n: int, seq_len: int, work: Path, log) -> dict:
             r_joint = row[q] / base
             row[f"{q}_interaction"] = r_joint / (r_prune * r_quant)
     out["predicted_tokens"] = sum(len(c) - 1 for c in chunks)
+    out["scored_tokens"] = out["cells"]["0%"]["f32_tokens"]
     return out
 
 
@@ -105,10 +107,13 @@ def markdown(res: dict) -> str:
              "(shortllm export quant=f32), Q8_0 = those requantized (quant=q8_0), orig = the original file's "
              "quantization, pruned byte for byte. interaction = r_joint / (r_prune x r_quant); 1 = the "
              "log-perplexity increases add up.", "",
+             "Tokens llama.cpp's server reports no log-probability for (a byte that is not complete UTF-8 on "
+             "its own) are left out of every cell alike; the scored-token count is given per model.", "",
              f"Measured {res['stamp']}; {res['load']}.", ""]
     for name, m in res["models"].items():
         oq = m["orig_quant"]
-        lines += [f"### {name} ({m['blocks']} blocks)", "",
+        lines += [f"### {name} ({m['blocks']} blocks; {m['scored_tokens']} of {m['predicted_tokens']} predicted "
+                  "tokens scored)", "",
                   f"| removed | blocks | f32 | Q8_0 | {oq} (orig) | r_prune | Q8_0 interaction | {oq} interaction |",
                   "|---|---|---|---|---|---|---|---|"]
         base = m["cells"]["0%"]["f32"]
@@ -124,7 +129,7 @@ def markdown(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--models", default=",".join(MODELS))
     args = ap.parse_args()

@@ -31,11 +31,13 @@ if SKIP and os.environ.get("SHORTLLM_REQUIRE_LLAMACPP"):  # set by .ci/run: CI m
     raise RuntimeError(f"CI must run the llama.cpp tests: {SKIP}")
 need_llamacpp = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
 
-# Removed blocks: 20% and 35% of the blocks. Gemma-3's must keep the fixed sliding/global period of 6
+# Removed blocks: 20% and 35% of the blocks. SmolLM2: BI's choice on 8 x 128 WikiText-2 calibration tokens
+# (as in benchmarks/bench_gguf_quant.py; a plan that destroys the model, perplexity in the millions, makes
+# the two readers' rounding differences dominate). Gemma-3's must keep the fixed sliding/global period of 6
 # (llama.cpp derives the layer kinds from it): [13, 14, 15, 17] and the whole period [11..16].
 PLANS = {
-    ("smollm2-135m", 0.2): [20, 21, 22, 23, 24, 25],
-    ("smollm2-135m", 0.35): [18, 19, 20, 21, 22, 23, 24, 25, 26, 27],
+    ("smollm2-135m", 0.2): [12, 13, 14, 15, 17, 25],
+    ("smollm2-135m", 0.35): [3, 9, 12, 13, 14, 15, 16, 17, 25, 26],
     ("gemma3-270m", 0.2): [13, 14, 15, 17],
     ("gemma3-270m", 0.35): [11, 12, 13, 14, 15, 16],
 }
@@ -100,7 +102,9 @@ def test_pruned_builtin_gguf_in_transformers_and_llamacpp(builtin, ratio, tmp_pa
         prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
         text = lc.generate(([tok.bos_token_id] if BOS[name] else []) + prompt, 8)
         assert len(text.strip()) > 0, "llama.cpp generated nothing from the pruned file"
-        ppl_cpp = lc.perplexity(chunks)
+        ppl_cpp, mask = lc.perplexity(chunks)
+    assert sum(map(sum, mask)) >= 0.95 * n, "llama.cpp withheld the log-probability of too many tokens"
+    ppl_hf = LC.hf_perplexity(back, chunks, mask) if not all(map(all, mask)) else ppl_hf
     assert abs(math.log(ppl_cpp / ppl_hf)) < NLL_ATOL, (name, ratio, ppl_cpp, ppl_hf)
 
 
@@ -118,7 +122,7 @@ def test_llamacpp_logprob_route_agrees_with_grammar_forcing(builtin):
                           "cache_prompt": False})
         via_grammar = [c["logprob"] for c in r["choices"][0]["logprobs"]["content"]]
     assert [c["id"] for c in r["choices"][0]["logprobs"]["content"]] == ids[3:]
-    assert via_bias == pytest.approx(via_grammar, abs=1e-3)
+    assert None not in via_bias and via_bias == pytest.approx(via_grammar, abs=1e-3)
 
 
 def test_cli_score_and_prune_smollm2_gguf(tmp_path, data_dir):

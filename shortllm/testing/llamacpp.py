@@ -69,31 +69,40 @@ class LlamaCpp:
                 "n_predict": int(max_new_tokens), "temperature": 0.0, "top_k": 1, "cache_prompt": False}
         return self._complete(body)["choices"][0]["text"]
 
-    def next_logprob(self, prefix: Sequence[int], target: int) -> float:
-        """log p(target | prefix) under llama.cpp's raw output distribution."""
+    def next_logprob(self, prefix: Sequence[int], target: int) -> Optional[float]:
+        """log p(target | prefix) under llama.cpp's raw output distribution; None when the server withholds it
+        (a token that is not complete UTF-8 on its own, e.g. one byte of a multi-byte character: the server
+        holds such text, and its log-probability, back until the character is complete)."""
         body = {"prompt": [int(t) for t in prefix], "n_predict": 1, "temperature": 0.0, "n_probs": 1,
                 "post_sampling_probs": False, "logit_bias": [[int(target), 100.0]], "cache_prompt": True,
                 "ignore_eos": True}
-        c = self._complete(body)["choices"][0]["logprobs"]["content"][0]
+        lp = self._complete(body)["choices"][0]["logprobs"]
+        if lp is None or not lp.get("content"):
+            return None
+        c = lp["content"][0]
         if int(c["id"]) != int(target):
             raise RuntimeError(f"llama.cpp sampled token {c['id']} despite the bias towards {target}")
         return float(c["logprob"])
 
-    def sequence_logprobs(self, ids: Sequence[int]) -> list[float]:
-        """log p(ids[t] | ids[:t]) for t = 1 .. len(ids)-1."""
+    def sequence_logprobs(self, ids: Sequence[int]) -> list[Optional[float]]:
+        """log p(ids[t] | ids[:t]) for t = 1 .. len(ids)-1 (None where withheld, see `next_logprob`)."""
         ids = [int(t) for t in ids]
         return [self.next_logprob(ids[:t], ids[t]) for t in range(1, len(ids))]
 
-    def perplexity(self, chunks: Sequence[Sequence[int]], progress: bool = False) -> float:
-        """exp(mean NLL) over every predicted token of every chunk (the first token of a chunk is context)."""
+    def perplexity(self, chunks: Sequence[Sequence[int]], progress: bool = False) -> tuple[float, list[list[bool]]]:
+        """(exp(mean NLL), mask): over every predicted token of every chunk (the first token of a chunk is
+        context) whose log-probability llama.cpp reports; ``mask[i][t]`` says whether target t+1 of chunk i
+        counted (a withheld token is a property of the token, so the mask is the same for every model with
+        this vocabulary; compare with `hf_perplexity(model, chunks, mask)`)."""
         from tqdm.auto import tqdm
 
-        nll, n = 0.0, 0
+        nll, n, mask = 0.0, 0, []
         for chunk in tqdm(chunks, desc=f"llama.cpp ppl {self.path.name}", disable=not progress):
             lps = self.sequence_logprobs(chunk)
-            nll -= sum(lps)
-            n += len(lps)
-        return math.exp(nll / max(n, 1))
+            mask.append([lp is not None for lp in lps])
+            nll -= sum(lp for lp in lps if lp is not None)
+            n += sum(mask[-1])
+        return math.exp(nll / max(n, 1)), mask
 
 
 def wikitext2_chunks(tokenizer, n_chunks: int, seq_len: int, bos: bool,
@@ -113,15 +122,18 @@ def wikitext2_chunks(tokenizer, n_chunks: int, seq_len: int, bos: bool,
     return chunks
 
 
-def hf_perplexity(model, chunks: Sequence[Sequence[int]]) -> float:
-    """The same quantity as `LlamaCpp.perplexity`, from a transformers model (fp32 logits, fp64 sums)."""
+def hf_perplexity(model, chunks: Sequence[Sequence[int]], mask: Optional[Sequence[Sequence[bool]]] = None) -> float:
+    """The same quantity as `LlamaCpp.perplexity`, from a transformers model (fp32 logits, fp64 sums), over
+    the targets ``mask`` keeps (default all)."""
     import torch
 
     nll, n = 0.0, 0
     with torch.no_grad():
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             ids = torch.tensor([list(chunk)])
             logp = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
-            nll -= float(logp.gather(1, ids[0, 1:, None]).sum())
-            n += ids.shape[1] - 1
+            tok = logp.gather(1, ids[0, 1:, None])[:, 0]
+            keep = torch.ones_like(tok, dtype=torch.bool) if mask is None else torch.tensor(mask[i])
+            nll -= float(tok[keep].sum())
+            n += int(keep.sum())
     return math.exp(nll / n)
