@@ -50,7 +50,7 @@ def run_model(name: str, chunks_n: int, seq_len: int, work: Path, log) -> dict:
     model, tok = load_model(name)
     src = builtin_gguf(name)
     chunks = wikitext2_chunks(tok, chunks_n, seq_len, bos=spec["bos"])
-    calib = calibration_loader("wikitext2", tok, n_samples=8, seq_len=128, seed=0)
+    calib = calibration_loader("wikitext2", tok, n_samples=8, seq_len=128, seed=0, add_bos=spec["bos"])
     scores = score_fast(model, calib, metrics=("bi",), progress=False, model_name=name)
     L = model.config.num_hidden_layers
     out = {"blocks": L, "bos_every_chunk": spec["bos"], "orig_quant": spec["quant"], "calibration": calib.description,
@@ -112,8 +112,9 @@ def markdown(res: dict) -> str:
              f"Measured {res['stamp']}; {res['load']}.", ""]
     for name, m in res["models"].items():
         oq = m["orig_quant"]
+        when = f"; measured {m['measured']}" if m.get("measured") else ""
         lines += [f"### {name} ({m['blocks']} blocks; {m['scored_tokens']} of {m['predicted_tokens']} predicted "
-                  "tokens scored)", "",
+                  f"tokens scored{when})", "",
                   f"| removed | blocks | f32 | Q8_0 | {oq} (orig) | r_prune | Q8_0 interaction | {oq} interaction |",
                   "|---|---|---|---|---|---|---|---|"]
         base = m["cells"]["0%"]["f32"]
@@ -124,11 +125,10 @@ def markdown(res: dict) -> str:
     lines += ["Reading: r_quant is the unpruned row's column / its f32 cell; an interaction above 1 means "
               "quantization hurts the pruned model more than the unpruned one (the effects compound), below 1 "
               "less. Caveats: a short slice (the perplexities carry a few percent of sampling noise, the "
-              "interactions less, since every cell uses the same tokens); the calibration batches carry no BOS, "
-              "which Gemma-3 needs, so its BI ranking is computed off-distribution (it removes the last, global "
-              "block at 20%, hence a worse perplexity than at 35%); 'f32' is the dequantized Q4 model, not the "
-              "original bf16 release. Script: `benchmarks/bench_gguf_quant.py` (`--markdown-only` rewrites "
-              "this file from the JSON).", ""]
+              "interactions less, since every cell uses the same tokens); Gemma-3's calibration batches start "
+              "with BOS (without it, BI removed the last, global block and the 20% model scored ~2700); 'f32' is "
+              "the dequantized Q4 model, not the original bf16 release. Script: "
+              "`benchmarks/bench_gguf_quant.py` (`--markdown-only` rewrites this file from the JSON).", ""]
     return "\n".join(lines)
 
 
@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the existing .json")
+    ap.add_argument("--keep-others", action="store_true", help="keep the rows of models not in --models")
     args = ap.parse_args()
     if args.markdown_only:
         write_report(HERE / "results" / "gguf_quant.md",
@@ -150,6 +151,12 @@ def main() -> None:
            "seq_len": args.seq_len, "xllamacpp": xllamacpp.__version__, "models": {}}
     t0 = time.perf_counter()
     start_load = res["load"]
+    old = HERE / "results" / "gguf_quant.json"
+    if args.keep_others and old.is_file():  # rerun some models, keep the others' rows (with their own stamp)
+        prev = json.loads(old.read_text())
+        for name, m in prev["models"].items():
+            if name not in args.models.split(","):
+                res["models"][name] = {**m, "measured": m.get("measured", prev["stamp"])}
     out = HERE / "results"
     with tempfile.TemporaryDirectory(prefix="gguf_quant_") as d:
         for name in args.models.split(","):
