@@ -126,8 +126,9 @@ def markdown(res: dict) -> str:
               "quantization hurts the pruned model more than the unpruned one (the effects compound), below 1 "
               "less. Caveats: a short slice (the perplexities carry a few percent of sampling noise, the "
               "interactions less, since every cell uses the same tokens); Gemma-3's calibration batches start "
-              "with BOS (without it, BI removed the last, global block and the 20% model scored ~2700); 'f32' is "
-              "the dequantized Q4 model, not the original bf16 release. Script: "
+              "with BOS, yet BI removes the global (full-attention) block 17 at 20% and block 11 at 35%: "
+              "without retraining BI is a poor criterion for this model (perplexity x84 and x166), whatever "
+              "the quantization; 'f32' is the dequantized Q4 model, not the original bf16 release. Script: "
               "`benchmarks/bench_gguf_quant.py` (`--markdown-only` rewrites this file from the JSON).", ""]
     return "\n".join(lines)
 
