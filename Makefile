@@ -22,7 +22,7 @@ $(VENV)/.installed: $(SOURCES) constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	rm -rf build
-	$(BIN)/python -m pip install -q -c constraints.txt ".[test]"
+	$(BIN)/python -m pip install -q -c constraints.txt ".[test,gguf-test]"
 	touch $@
 
 demo: venv

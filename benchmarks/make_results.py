@@ -12,6 +12,7 @@ ORDER = ["score", "cosine_span", "ops", "ppl", "speed", "eval", "reproduce", "re
 ORDER += ["recovery_smollm2-135m"]
 ORDER += ["criteria_smollm2-135m", "criteria_gemma3-270m"]
 ORDER += ["eval_lmeval", "eval_published"]
+ORDER += ["gguf_quant"]
 
 
 def main() -> None:

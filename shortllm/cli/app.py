@@ -6,10 +6,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from shortllm.cli import demo, eval_cmd, inspect_cmd, prune_cmd, retrain_cmd, score_cmd, search_cmd
+from shortllm.cli import demo, eval_cmd, inspect_cmd, models_cmd, prune_cmd, retrain_cmd, score_cmd, search_cmd
 from shortllm.errors import ShortLLMError
 
 COMMANDS = (score_cmd, search_cmd, prune_cmd, eval_cmd, retrain_cmd, demo, inspect_cmd)
+COMMANDS += (models_cmd,)
 
 
 def build_parser() -> argparse.ArgumentParser:

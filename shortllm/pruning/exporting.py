@@ -6,6 +6,9 @@ checked against the shards before anything is published), the tokenizer, the gen
 it goes into a temp dir next to `out_dir` that is renamed into place at the end: a crash, a full disk
 or a refused overwrite never leaves a partial checkpoint at `out_dir`.
 
+`format="gguf"` writes one GGUF file instead (`shortllm.io.gguf_export`: llama and gemma3 models, matrices
+as f32/f16/bf16/q8_0, the tokenizer copied from `tokenizer_from=`, a GGUF such as the built-in's original).
+
 The same plan as a mergekit config: `shortllm.pruning.mergekit`.
 """
 from __future__ import annotations
@@ -30,14 +33,26 @@ META_FILE = "shortllm.json"
 
 
 def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, plan: Optional[Plan] = None, scores=None,
-           max_shard_size: int | str = "2GB", overwrite: bool = False, fused: bool = False) -> Path:
+           max_shard_size: int | str = "2GB", overwrite: bool = False, fused: bool = False,
+           format: str = "safetensors", quant: Optional[str] = None,
+           tokenizer_from: Optional[str | os.PathLike] = None) -> Path:
     """Write `model` to `out_dir` atomically; returns the final path.
+
+    `format="gguf"`: `out_dir` is the .gguf FILE to write, `quant` one of f32/f16/bf16/q8_0 (default f16),
+    `tokenizer_from` a GGUF whose tokenizer metadata is copied (needed by llama.cpp); `tokenizer`,
+    `fused` and `max_shard_size` do not apply there. `quant`/`tokenizer_from` only apply to GGUF.
 
     `plan` defaults to the one `shortllm.prune` attached to the model. `fused=True` writes the fused
     inference model (`shortllm.fuse`), which loads with `shortllm.load_fused(out_dir)` only. An
     existing `out_dir` is refused (ExportError) unless `overwrite=True`; an unwritable location, a full
     disk or an incomplete shard index raise ExportError and leave nothing behind.
     """
+    if format == "gguf":
+        return _export_gguf(model, out_dir, plan, quant, tokenizer_from, overwrite, tokenizer, fused)
+    if format != "safetensors":
+        raise ExportError(f"format={format!r}: choose 'safetensors' (a transformers checkpoint dir) or 'gguf'")
+    if quant is not None or tokenizer_from is not None:
+        raise ExportError("quant= and tokenizer_from= only apply to format='gguf'; drop them or pass format='gguf'")
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; choose another output dir or pass overwrite=True "
@@ -80,6 +95,26 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, plan: O
                               "Free disk space or choose a writable output dir") from exc
         raise
     return out
+
+
+def _export_gguf(model: nn.Module, path, plan: Optional[Plan], quant: Optional[str], tokenizer_from,
+                 overwrite: bool, tokenizer, fused: bool) -> Path:
+    from shortllm.io.gguf_export import write_gguf
+    from shortllm.io.gguf_files import plan_metadata
+
+    if fused:
+        raise ExportError("fused=True does not apply to format='gguf' (llama.cpp runs the stock architecture); "
+                          "drop it")
+    if tokenizer is not None:
+        raise ExportError("tokenizer= does not apply to format='gguf' (GGUF keeps llama.cpp's tokenizer metadata); "
+                          "pass tokenizer_from= a GGUF file instead")
+    plan = plan if plan is not None else getattr(model, "shortllm_plan", None)
+    if plan is not None and plan.removed_branches:
+        raise ExportError(f"the plan removes branches {plan.removed_branches}; llama.cpp would still run them "
+                          "(their weights are zeroed, not gone): only whole-block plans export to GGUF")
+    extra = plan_metadata(plan.to_dict()) if plan is not None else None
+    return write_gguf(model, path, quant=quant or "f16", tokenizer_from=tokenizer_from, overwrite=overwrite,
+                      extra_metadata=extra)
 
 
 def _scores_meta(scores) -> Optional[dict]:
