@@ -38,7 +38,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q -c constraints.txt torch==2.13.0
 	rm -rf build
-	$(LATEST)/bin/python -m pip install -q ".[test]"
+	$(LATEST)/bin/python -m pip install -q ".[test,gguf-test]"
 	$(LATEST)/bin/python -m pip install -q --upgrade transformers peft accelerate
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -E "^(torch|transformers|peft|accelerate) "
 	$(LATEST)/bin/pytest -q -p no:cacheprovider $(FAST) tests

@@ -83,6 +83,8 @@ class Knobs:
 
 PRESETS = {
     "smoke": dict(calib_samples=2, calib_batch=2, stab_samples=2, stab_sleb=False, eval_chunks=4, zs_limit=5),
+    # what fits a shared 2-core machine in ~30 min: enough calibration tokens for the healing fit (16 x 128)
+    "mid": dict(calib_samples=16, calib_batch=4, stab_samples=4, stab_sleb=False, eval_chunks=16, zs_limit=10),
     "full": dict(calib_samples=10, stab_samples=10, eval_chunks=32, zs_limit=50, lora=True, retrain_steps=32,
                  retrain_micro_batch=4, retrain_eval_examples=32),
 }
