@@ -79,6 +79,8 @@ def main(argv=None) -> int:
                     "validation) for the scores")
     ap.add_argument("--remove", type=int, default=4, help="blocks removed by the criteria (18 -> 14: 4)")
     ap.add_argument("--recover", default="", help="comma list of lora,cpt,kd,partial (default: none)")
+    ap.add_argument("--recover-only", default="", help="comma list of the plans to recover (default: every 18->14 "
+                    "plan), e.g. tail,taylor")
     ap.add_argument("--recover-tokens", type=int, default=200_000)
     ap.add_argument("--no-sleb", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     for name, plan in plans.items():
         m = prune(copy.deepcopy(teacher), plan)
         rows[name] = {"removed": sorted(plan.removed), "params": count_params(m), **_evaluate(m, tok, args)}
-        if name != "last2":
+        if name != "last2" and (not args.recover_only or name in args.recover_only.split(",")):
             for method in [x for x in args.recover.split(",") if x]:
                 rec, note = _recover(m, tok, teacher, method, args)
                 notes.append(f"{name} + {note}")
@@ -144,7 +146,10 @@ def _render(rep: dict, st: str, args) -> str:
     t = rows["teacher"]
     lines = [f"# {rep['model']}: lm-eval 0-shot beside the published 18 -> 14 numbers", "",
              f"Measured {st} by `python benchmarks/eval_published.py --model {rep['model']} --limit {args.limit or 0}"
-             f"{' --recover ' + args.recover if args.recover else ''}`; {rep['load'][0]} at start, {rep['load'][1]} at "
+             f"{' --recover ' + args.recover if args.recover else ''}"
+             f"{' --recover-only ' + args.recover_only if args.recover_only else ''}"
+             f"{' --recover-tokens ' + str(args.recover_tokens) if args.recover else ''}`; "
+             f"{rep['load'][0]} at start, {rep['load'][1]} at "
              f"end; total {rep['wall_s'] / 60:.0f} min. lm-eval-harness {t['harness_settings']['lm_eval']} on the "
              "local "
              f"task files, {'first ' + str(rep['limit']) + ' documents per task' if rep['limit'] else 'full splits'}; "
