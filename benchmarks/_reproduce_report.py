@@ -31,7 +31,7 @@ def _zs_se(cell: dict) -> float:
     """Standard error of the 7-task mean (tasks independent)."""
     z = cell.get("zeroshot", {})
     ses = [v["acc_stderr"] if v["metric"] == "acc" else v["acc_norm_stderr"] for v in z.values()]
-    return math.sqrt(sum(s * s for s in ses if math.isfinite(s))) / max(1, len(ses))
+    return math.sqrt(sum(s * s for s in ses if s is not None and math.isfinite(s))) / max(1, len(ses))
 
 
 def table(cells: dict, knobs: Knobs) -> str:

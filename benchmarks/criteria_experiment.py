@@ -215,10 +215,10 @@ def plan_for(model, scores, crit: str, ratio: float, order: Optional[list[int]])
 
 
 # ---------------------------------------------------------------- evaluation
-def evaluate(model, tok, texts, tasks, knobs: Knobs) -> dict:
+def evaluate(model, tok, texts, knobs: Knobs, data_dir=None) -> dict:
     from reproduce_paper import evaluate_model
 
-    return evaluate_model(model, tok, texts, tasks, knobs)
+    return evaluate_model(model, tok, texts, knobs, data_dir)
 
 
 def healed_model(model, plan, data):
@@ -251,7 +251,7 @@ def lora_model(model, tok, knobs: Knobs, rdata):
 
 
 def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], log) -> dict:
-    from reproduce_paper import eval_texts, load_tasks
+    from reproduce_paper import eval_texts
 
     from shortllm.model.loading import load_model
     from shortllm.pruning.removal import prune
@@ -265,7 +265,6 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
     scores, score_time = score_run(model, main_data, cells_dir / "scores_main.json", log)
     order = sleb_order(model, main_data, sleb_needed(model, knobs), cells_dir / "sleb_main.json", log)
     texts = eval_texts(tok, knobs, data_dir)
-    tasks = load_tasks(knobs, data_dir)
     rdata = None
     cells = {}
 
@@ -285,7 +284,7 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
                 log(f"{key}: {c.get('note', '')[:120]}")
         cells[key] = c
 
-    cell("base", lambda: evaluate(model, tok, texts, tasks, knobs))
+    cell("base", lambda: evaluate(model, tok, texts, knobs, data_dir))
     plans = {}
     for r in knobs.ratios:
         for crit in CRITERIA:
@@ -301,13 +300,13 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
 
             def plain(plan=plan, info=info):
                 m = prune(model, plan, inplace=False)
-                return {**info, **evaluate(m, tok, texts, tasks, knobs)}
+                return {**info, **evaluate(m, tok, texts, knobs, data_dir)}
 
             def healed(plan=plan, info=info):
                 m, rep = healed_model(model, plan, main_data)
                 if m is None:
                     return {**info, "note": rep, "uncached": rep.startswith("healing not installed")}
-                return {**info, "heal": rep, **evaluate(m, tok, texts, tasks, knobs)}
+                return {**info, "heal": rep, **evaluate(m, tok, texts, knobs, data_dir)}
 
             cell(f"{tag}_none", plain)
             cell(f"{tag}_heal", healed)
@@ -319,7 +318,7 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
 
                         rdata = load_retrain_data(knobs.retrain_data, tok, knobs.retrain_seq_len, 0.05, data_dir)
                     m, rinfo = lora_model(prune(model, plan, inplace=False), tok, knobs, rdata)
-                    return {**info, "retrain": rinfo, **evaluate(m, tok, texts, tasks, knobs)}
+                    return {**info, "retrain": rinfo, **evaluate(m, tok, texts, knobs, data_dir)}
                 cell(f"{tag}_lora", lora)
 
     # ---- rankings: tau between criteria, stability across corpora and seeds

@@ -52,7 +52,7 @@ def _ppl_piece(model, tok, ds: str, proto: str, bos: str, batch_size: int, max_c
 
 
 def _task_piece(model, tok, name: str, limit, batch_size: int) -> dict:
-    # lm-eval-harness (the built-in scorer gave the same per-item predictions and was not faster:
+    # lm-eval-harness (the since-removed built-in scorer gave the same per-item predictions and was not faster:
     # results/eval_lmeval.md); parts already on disk were scored by the built-in scorer
     from shortllm.evaluation.harness import harness_eval
 

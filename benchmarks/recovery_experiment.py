@@ -5,7 +5,7 @@ Design: criteria {Taylor+, PPL (one-shot), BI, tail} x removal {20 %, 35 % of th
 steps = tokens / (micro-batch x seq_len)), through `shortllm.retrain.training.retrain_model` (transformers'
 Trainer); KD distils from the unpruned model, partial trains the head and the last 2 blocks. Metrics:
 WikiText-2 (test) and PTB (validation) perplexity, LLM-Pruner 128-token protocol (`shortllm.evaluation.
-corpus_ppl`), and the 7-task zero-shot mean (`zero_shot_scores`: the one place to swap the evaluator).
+corpus_ppl`), and the 7-task zero-shot mean through lm-eval-harness (`zero_shot_scores`).
 "tail" is the Gromov et al. baseline: the deepest blocks before the last one (``make_plan(..., blocks=...)``
 unless the scorer offers a "tail" metric).
 
@@ -82,12 +82,12 @@ PRESETS = {
 
 
 def zero_shot_scores(model, tok, knobs: Knobs, data_dir=None) -> dict:
-    """The 7-task zero-shot evaluation of one model: {"tasks": {name: score}, "mean": float}.
-    The one call to the evaluator (swap in lm-eval here)."""
-    from shortllm.evaluation.zero_shot import zeroshot
+    """The 7-task zero-shot evaluation of one model through lm-eval-harness: {"tasks": {name: score}, "mean": float}
+    (score = each task's reported metric, `shortllm.evaluation.harness.REPORTED`)."""
+    from shortllm.evaluation.harness import SEVEN, harness_eval
 
-    r = zeroshot(model, tok, limit=knobs.zs_limit, progress=False, data_dir=data_dir)
-    return {"tasks": {k: v["score"] for k, v in r.tasks.items()}, "mean": r.mean}
+    r = harness_eval(model, tok, SEVEN, limit=knobs.zs_limit, data_dir=data_dir)
+    return {"tasks": {k: r.tasks[k]["score"] for k in SEVEN}, "mean": r.mean}
 
 
 def evaluate(model, tok, knobs: Knobs, data_dir=None) -> dict:

@@ -152,20 +152,13 @@ def eval_texts(tok, knobs: Knobs, data_dir=None) -> dict[str, str]:
     return out
 
 
-def load_tasks(knobs: Knobs, data_dir=None) -> dict:
-    """Each zero-shot task's first zs_limit items, parsed once per run (not once per cell)."""
-    from shortllm.data.tasks import DEFAULT_TASKS, load_task, task_spec
-
-    return {task_spec(t).name: load_task(task_spec(t).name, data_dir, knobs.zs_limit) for t in DEFAULT_TASKS}
-
-
-def evaluate_model(model, tok, texts: dict[str, str], tasks: dict, knobs: Knobs) -> dict:
-    """PPL on both corpora, then `shortllm.evaluate.zeroshot`'s scoring (same calls) on the preloaded items."""
-    from dataclasses import asdict
-
-    from shortllm.data.tasks import score_items, task_spec
+def evaluate_model(model, tok, texts: dict[str, str], knobs: Knobs, data_dir=None) -> dict:
+    """PPL on both corpora, then the 7 zero-shot tasks through lm-eval-harness (`harness_eval`, first
+    zs_limit items each). Per task the cell keeps acc, acc_norm (None for BoolQ: lm-eval reports only acc
+    there), their stderrs, n and the reported metric/score (acc for BoolQ/PIQA/WinoGrande/ARC-e, acc_norm
+    for HellaSwag/ARC-c/OBQA)."""
     from shortllm.evaluation.corpus_ppl import perplexity
-    from shortllm.evaluation.zero_shot import loglikelihoods
+    from shortllm.evaluation.harness import SEVEN, harness_eval
 
     res = {}
     for c in EVAL_CORPORA:
@@ -174,14 +167,11 @@ def evaluate_model(model, tok, texts: dict[str, str], tasks: dict, knobs: Knobs)
         res[f"ppl_{c}"] = p.ppl
         res[f"ppl_{c}_tokens"] = p.n_tokens
         res["ppl_bos_policy"] = p.settings["bos_policy"]  # which BOS policy the numbers were taken with
-    zs = {}
-    for name, items in tasks.items():
-        reqs = [(c, k) for it in items for c, k in zip(it.contexts, it.continuations)]
-        lls = loglikelihoods(model, tok, reqs, batch_size=knobs.zs_batch, progress=False, desc=name)
-        r = asdict(score_items(items, lls, task_spec(name).metric))
-        zs[name] = {f: r[f] for f in ("acc", "acc_norm", "n", "metric", "score", "acc_stderr", "acc_norm_stderr")}
-    res["zeroshot"] = zs
-    res["zs_mean"] = sum(v["score"] for v in zs.values()) / len(zs)
+    h = harness_eval(model, tok, SEVEN, limit=knobs.zs_limit, batch_size=knobs.zs_batch, data_dir=data_dir)
+    res["zeroshot"] = {name: {f: h.tasks[name].get(f) for f in ("acc", "acc_norm", "n", "metric", "score",
+                                                                "acc_stderr", "acc_norm_stderr")} for name in SEVEN}
+    res["zs_mean"] = h.mean
+    res["zs_engine"] = f"lm-eval-harness {h.settings['lm_eval']}"
     return res
 
 
@@ -296,7 +286,6 @@ def run_experiment(model, tok, knobs: Knobs, out_dir, *, data_dir=None, progress
         scores, st = cached_scores(model, calib, out, knobs, progress)
         plans = make_plans(model, scores, None, knobs)
         texts = eval_texts(tok, knobs, data_dir)
-        tasks = load_tasks(knobs, data_dir)
     rdata = None
     total = count_params(model)
     for crit, r, rec in tqdm(todo, desc="reproduce cells", unit="cell", disable=not progress):
@@ -329,7 +318,7 @@ def run_experiment(model, tok, knobs: Knobs, out_dir, *, data_dir=None, progress
                 cell["retrain"] = {"source": rdata.source, "tokens_seen": rr.tokens_seen, "lr": cfg.resolved_lr,
                                    "heldout_ppl_before": rr.ppl_before, "heldout_ppl_after": rr.ppl_after,
                                    "final_loss": rr.losses[-1] if rr.losses else None}
-            cell.update(evaluate_model(m, tok, texts, tasks, knobs))
+            cell.update(evaluate_model(m, tok, texts, knobs, data_dir))
             del m
         cell["time"] = {"wall_s": clk.wall, "cpu_s": clk.cpu}
         _write_json(out / "cells" / f"{key}.json", cell)

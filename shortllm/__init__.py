@@ -24,7 +24,6 @@ _EXPORTS = {
     "fuse": "shortllm.pruning.fusion",
     "load_fused": "shortllm.pruning.fusion",
     "perplexity": "shortllm.evaluation.corpus_ppl",
-    "zeroshot": "shortllm.evaluation.zero_shot",
     "heal": "shortllm.pruning.healing",
     "Budget": "shortllm.pruning.budget",
     "harness_eval": "shortllm.evaluation.harness",

@@ -1,4 +1,5 @@
-"""Shared helpers of test_evaluate.py / test_tasks.py: a real (tiny) BPE tokenizer and a unigram model."""
+"""Shared helpers of the evaluation tests: a real (tiny) BPE tokenizer, a unigram model, and the plain-forward
+log-likelihood oracle of lm-eval's zero-shot scores."""
 from __future__ import annotations
 
 import torch
@@ -41,3 +42,33 @@ def make_unigram_gpt2(logits: torch.Tensor):
         ln.bias[0] = 1.0
         model.lm_head.weight[:, 0] = logits.to(torch.float64)
     return model
+
+
+def ref_loglik(model, tok, context: str, continuation: str) -> float:
+    """log p(continuation | context) from one plain full-logit forward, float64 log-softmax: the oracle of
+    lm-eval's scores. The pair is tokenised together (the tokenizer's default special tokens) and the
+    continuation is what follows the context's own tokens; the window keeps the last max_length + 1 tokens
+    (lm-eval 0.4's left truncation)."""
+    assert context and context == context.rstrip(), "the tasks' contexts never end in whitespace"
+    whole = list(tok(context + continuation)["input_ids"])
+    n_ctx = len(tok(context)["input_ids"])
+    assert len(whole) > n_ctx, (context, continuation)
+    n_cont = len(whole) - n_ctx
+    window = whole[-(model.config.max_position_embeddings + 1):]
+    with torch.no_grad():
+        logp = model(torch.tensor([window[:-1]])).logits[0].double().log_softmax(-1)
+    targets = torch.tensor(window[1:])
+    return float(logp[torch.arange(len(targets)), targets][-n_cont:].sum())
+
+
+def ref_task_scores(model, tok, items) -> dict:
+    """acc / acc_norm of `shortllm.data.tasks.MCItem`s from `ref_loglik` (argmax, first index among ties;
+    acc_norm divides by the choice's length in characters, as lm-eval's completion_len), with the lls."""
+    lls, correct, correct_n = [], 0, 0
+    for it in items:
+        ll = [ref_loglik(model, tok, c, k) for c, k in zip(it.contexts, it.continuations)]
+        norm = [x / len(ch) for x, ch in zip(ll, it.choices)]
+        correct += max(range(len(ll)), key=lambda i: (ll[i], -i)) == it.gold
+        correct_n += max(range(len(norm)), key=lambda i: (norm[i], -i)) == it.gold
+        lls.append(ll)
+    return {"acc": correct / len(items), "acc_norm": correct_n / len(items), "lls": lls}

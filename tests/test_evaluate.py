@@ -1,4 +1,4 @@
-"""Perplexity and zero-shot log-likelihoods against full-logit float64 references."""
+"""Perplexity, and zero-shot log-likelihoods through lm-eval, against full-logit float64 references."""
 from __future__ import annotations
 
 import json
@@ -8,12 +8,11 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_helpers import make_bpe_tokenizer, make_unigram_gpt2
+from eval_helpers import make_bpe_tokenizer, ref_task_scores
 from tiny_models import make_tiny
 
 from shortllm.errors import DataError
 from shortllm.evaluation import corpus_ppl as ev
-from shortllm.evaluation import zero_shot as zs
 
 
 @pytest.fixture(scope="module")
@@ -126,54 +125,24 @@ def test_named_corpus_protocols(tok, data_dir):
                          data_dir=data_dir).settings["seq_len"] == 2048
 
 
-# ------------------------------------------------------------------ zero-shot machinery
-def test_encode_pair_moves_trailing_space_and_splits_after_context(tok):
-    ctx, cont = zs.encode_pair(tok, "Question: which one is good? Answer: ", "the good one")
-    whole = tok("Question: which one is good? Answer: the good one", add_special_tokens=False)["input_ids"]
-    head = tok("Question: which one is good? Answer:", add_special_tokens=False)["input_ids"]
-    assert ctx == head and cont == whole[len(head):] and ctx + cont == whole
-    # merges across the boundary: continuation = joint tokens after len(context tokens) (lm-eval)
-    ctx2, cont2 = zs.encode_pair(tok, "the goo", "d one is a good answer")
-    joint = tok("the good one is a good answer", add_special_tokens=False)["input_ids"]
-    assert ctx2 == tok("the goo", add_special_tokens=False)["input_ids"] and cont2 == joint[len(ctx2):]
-    assert ctx2 + cont2 != joint  # the case where separate tokenisation would differ
-    assert zs.encode_pair(tok, "", " good")[0] == [tok.bos_token_id]
+# ------------------------------------------------------------------ zero-shot through lm-eval
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_neox"])
+def test_lm_eval_loglik_matches_plain_forward(tok, arch, data_dir):
+    """`harness_eval` on architectures with their own quirks (Gemma-2's logit softcap, GPT-NeoX's partial
+    rotary): lm-eval's per-choice log-likelihoods and acc equal a plain full-logit forward's."""
+    from shortllm.data.tasks import load_task
+    from shortllm.evaluation.harness import harness_eval
 
-
-def _ref_loglik(model, tok, ctx, cont):
-    c, k = zs.encode_pair(tok, ctx, cont)
-    ids = torch.tensor([c + k])
-    with torch.no_grad():
-        logp = model(ids).logits.double().log_softmax(-1)[0]
-    n = len(c)
-    return sum(logp[n - 1 + j, k[j]].item() for j in range(len(k)))
-
-
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt_neox"])
-def test_loglikelihoods_match_unbatched_reference(tok, arch):
     model = make_tiny(arch, dtype=torch.float64, seed=4)
-    reqs = [("Question: which one is good?\nAnswer:", " the good one"),
-            ("Question: which one is good?\nAnswer:", " bad"),
-            ("Sarah was a much better surgeon than Maria so Sarah", " always got the harder cases."),
-            ("He is ripping", " level tiles off the roof. The quick brown fox"),
-            ("A good answer ", "is better"),  # trailing space moves to the continuation
-            ("Question: which one is good?\nAnswer:", " bad")]  # duplicate input: computed once
-    got = zs.loglikelihoods(model, tok, reqs, batch_size=2, progress=False)
-    for (c, k), g in zip(reqs, got):
-        assert g == pytest.approx(_ref_loglik(model, tok, c, k), rel=1e-6, abs=1e-8)
-    assert got[1] == got[5]
-
-
-def test_unigram_model_loglik_is_exact(tok):
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(128, generator=g, dtype=torch.float64) * 3
-    model = make_unigram_gpt2(logits)
-    logp = logits.log_softmax(-1)
-    reqs = [("Question: which one is good?\nAnswer:", " the good one"), ("Sarah was", " a much better surgeon")]
-    got = zs.loglikelihoods(model, tok, reqs, batch_size=8, progress=False)
-    for (c, k), val in zip(reqs, got):
-        cont = zs.encode_pair(tok, c, k)[1]
-        assert val == pytest.approx(sum(logp[t].item() for t in cont), rel=1e-9)
+    res = harness_eval(model, tok, ["arc_easy", "winogrande"], limit=3, batch_size=2, data_dir=data_dir,
+                      log_samples=True)
+    for name in ("arc_easy", "winogrande"):
+        items = load_task(name, data_dir, limit=3)
+        ref = ref_task_scores(model, tok, items)
+        samples = sorted(res.samples[name], key=lambda s: s["doc_id"])
+        for s, ll in zip(samples, ref["lls"], strict=True):
+            assert [r[0][0] for r in s["resps"]] == pytest.approx(ll, rel=1e-6, abs=1e-8), name
+        assert res.tasks[name]["acc"] == pytest.approx(ref["acc"]), name
 
 
 def test_cli_writes_json_and_markdown(tmp_path, monkeypatch, tok):
@@ -209,10 +178,19 @@ def test_real_model_ppl_matches_logits(smollm2, data_dir):
 
 
 @pytest.mark.real_model
-def test_real_model_zeroshot_smoke(smollm2):
+@pytest.mark.slow
+def test_real_model_zeroshot_smoke(smollm2, data_dir):
+    """SmolLM2 through lm-eval on the first 4 items of two tasks: the plain forward's acc and lls."""
+    from shortllm.data.tasks import load_task
+    from shortllm.evaluation.harness import harness_eval
+
     model, tokz = smollm2
-    res = zs.zeroshot(model, tokz, ("arc_easy", "winogrande"), limit=4, progress=False, return_details=True)
-    for t in res.tasks.values():
-        assert t["n"] == 4 and 0.0 <= t["acc"] <= 1.0
-        assert all(all(x < 0 for x in d["lls"]) for d in t["details"])
+    res = harness_eval(model, tokz, ("arc_easy", "winogrande"), limit=4, data_dir=data_dir, log_samples=True)
+    for name, t in res.tasks.items():
+        ref = ref_task_scores(model, tokz, load_task(name, data_dir, limit=4))
+        lls = [[r[0][0] for r in s["resps"]] for s in sorted(res.samples[name], key=lambda s: s["doc_id"])]
+        assert t["n"] == 4 and t["acc"] == pytest.approx(ref["acc"]), name
+        assert all(all(x < 0 for x in row) for row in lls), name
+        for row, want in zip(lls, ref["lls"], strict=True):
+            assert row == pytest.approx(want, rel=1e-4, abs=1e-3), name
     assert res.mean == pytest.approx((res.tasks["arc_easy"]["acc"] + res.tasks["winogrande"]["acc"]) / 2)

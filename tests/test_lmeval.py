@@ -1,5 +1,5 @@
 """`shortllm eval` through lm-eval-harness: against lm-eval run directly, against the raw data files and
-lm-eval's own task YAMLs, the built-in scorer item by item, MMLU and LAMBADA, and the BOS policy."""
+lm-eval's own task YAMLs, lm-eval item by item against a plain forward, MMLU and LAMBADA, and the BOS policy."""
 from __future__ import annotations
 
 import csv
@@ -143,25 +143,31 @@ def test_templates_are_those_of_the_installed_lm_eval():
 
 
 @pytest.mark.parametrize("with_bos", [False, True])
-def test_builtin_scorer_equals_lm_eval_item_by_item(data_dir, tmp_path, with_bos):
-    """The built-in scorer (still used by benchmarks/reproduce_paper.py on preloaded items; not faster than lm-eval,
-    benchmarks/results/eval_lmeval.md, so `shortllm eval` uses lm-eval only) against lm-eval's
-    per-choice log-likelihoods and per-item predictions, with a tokenizer that adds BOS and one that does not."""
-    from shortllm.evaluation.zero_shot import zeroshot
+def test_lm_eval_scores_equal_a_plain_forward_item_by_item(data_dir, tmp_path, with_bos):
+    """On the real files (first 4 items of the 7 tasks), lm-eval's per-choice log-likelihoods, per-item
+    acc / acc_norm and task metrics against a plain full-logit forward on `load_task`'s (context,
+    continuation) pairs, with a tokenizer that adds BOS and one that does not (the BOS policy)."""
+    from eval_helpers import ref_loglik
+
+    from shortllm.data.tasks import load_task
 
     model, tok = make_tiny("llama", seed=1), (bos_tokenizer() if with_bos else make_bpe_tokenizer())
     seven = ZS_AND_LAMBADA[:7]
     H.write_local_tasks(seven, tmp_path, data_dir, 4)
     raw = _direct_lm_eval(model, tok, seven, tmp_path, 4)
-    ours = zeroshot(model, tok, seven, limit=4, progress=False, return_details=True, data_dir=data_dir)
     for t in seven:
         theirs = sorted(raw["samples"][t], key=lambda s: s["doc_id"])
-        for d, s in zip(ours.tasks[t]["details"], theirs, strict=True):
-            assert d["lls"] == pytest.approx([r[0][0] for r in s["resps"]], rel=1e-4, abs=1e-4), t
-            assert float(d["pred"] == d["gold"]) == s["acc"], t
+        hits = []
+        for it, s in zip(load_task(t, data_dir, limit=4), theirs, strict=True):
+            ll = [ref_loglik(model, tok, c, k) for c, k in zip(it.contexts, it.continuations)]
+            assert [r[0][0] for r in s["resps"]] == pytest.approx(ll, rel=1e-4, abs=1e-4), t
+            pred = max(range(len(ll)), key=lambda i: (ll[i], -i))
+            assert float(pred == it.gold) == s["acc"], t
             if "acc_norm" in s:
-                assert float(d["pred_norm"] == d["gold"]) == s["acc_norm"], t
-        assert ours.tasks[t]["acc"] == pytest.approx(raw["results"][t]["acc,none"])
+                norm = [x / len(ch) for x, ch in zip(ll, it.choices)]
+                assert float(max(range(len(ll)), key=lambda i: (norm[i], -i)) == it.gold) == s["acc_norm"], t
+            hits.append(float(pred == it.gold))
+        assert raw["results"][t]["acc,none"] == pytest.approx(sum(hits) / len(hits)), t
 
 
 @pytest.mark.slow

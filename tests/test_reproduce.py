@@ -55,11 +55,18 @@ def test_reproduce_every_cell_then_resume(tmp_path, data_dir):
 
     base = cells["base"]
     assert base["removed"] == [] and base["params"] == base["params_before"]
+    from eval_helpers import ref_task_scores
+
+    from shortllm.data.tasks import load_task
     from shortllm.evaluation.corpus_ppl import perplexity
-    from shortllm.evaluation.zero_shot import zeroshot  # the script's preloaded-item scoring == the evaluator's
-    ref = zeroshot(model, tok, limit=knobs.zs_limit, batch_size=knobs.zs_batch, progress=False, data_dir=data_dir)
-    assert {k: v["score"] for k, v in base["zeroshot"].items()} == {k: v["score"] for k, v in ref.tasks.items()}
-    assert base["zs_mean"] == pytest.approx(ref.mean, abs=1e-12)
+    from shortllm.evaluation.harness import REPORTED
+
+    for name, z in base["zeroshot"].items():  # lm-eval's cell scores == a plain forward on the first items
+        ref = ref_task_scores(model, tok, load_task(name, data_dir, limit=knobs.zs_limit))
+        assert z["n"] == knobs.zs_limit and z["metric"] == REPORTED[name], name
+        assert z["score"] == pytest.approx(ref[REPORTED[name]]) and z["acc"] == pytest.approx(ref["acc"]), name
+    assert base["zs_mean"] == pytest.approx(sum(z["score"] for z in base["zeroshot"].values()) / 7)
+    assert base["zs_engine"].startswith("lm-eval-harness")
     ppl = perplexity(model, tok, "ptb", seq_len=knobs.eval_seq_len, max_chunks=knobs.eval_chunks, progress=False)
     assert base["ppl_ptb"] == pytest.approx(ppl.ppl, rel=1e-9), "the cut eval text must give the full split's chunks"
     for k, c in cells.items():

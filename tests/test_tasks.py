@@ -1,4 +1,5 @@
-"""Task readers (lm-eval 0.4 prompts on the real files) and scoring on hand-built items with known answers."""
+"""Task readers (lm-eval 0.4 prompts on the real files), and hand-built task files scored through lm-eval
+(`harness_eval`) against a plain-forward oracle on the items `load_task` parses."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,11 +8,11 @@ import json
 
 import pytest
 import torch
-from eval_helpers import make_bpe_tokenizer, make_unigram_gpt2
+from eval_helpers import make_bpe_tokenizer, make_unigram_gpt2, ref_task_scores
+from tiny_models import make_tiny
 
 from shortllm.data import tasks as T
 from shortllm.errors import DataError
-from shortllm.evaluation import zero_shot as zs
 
 
 # ------------------------------------------------------------------ real files: lm-eval templates
@@ -73,19 +74,7 @@ def test_missing_files_and_bad_args(tmp_path, monkeypatch):
         T.load_task("piqa", tmp_path)
 
 
-# ------------------------------------------------------------------ hand-built items, known answers
-WORD = {"good": -1.0, "bad": -5.0, "yes": -1.0, "no": -3.0}
-
-
-def fake_loglik(model, tok, requests, **kw):
-    """Word-score log-likelihood: last word of the context + every continuation word (default -2)."""
-    out = []
-    for ctx, cont in requests:
-        words = ctx.split()[-1:] + cont.split()
-        out.append(sum(WORD.get(w.strip(".?"), -2.0) for w in words))
-    return out
-
-
+# ------------------------------------------------------------------ hand-built files through lm-eval
 def _jsonl(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()
@@ -121,24 +110,32 @@ def hand_data(tmp_path):
     return d
 
 
-EXPECTED = {  # task: (acc, acc_norm)
-    "boolq": (2 / 3, 2 / 3), "piqa": (1 / 2, 1 / 2), "winogrande": (1 / 2, 1 / 2),
-    "arc_easy": (1 / 2, 1.0), "arc_challenge": (1 / 2, 1.0), "openbookqa": (1 / 2, 1.0), "hellaswag": (1 / 2, 1.0),
-}
+SEVEN = ("boolq", "piqa", "winogrande", "arc_easy", "arc_challenge", "hellaswag", "openbookqa")
 
 
-def test_each_task_scores_known_answers(hand_data, monkeypatch):
-    monkeypatch.setattr(zs, "loglikelihoods", fake_loglik)
-    res = zs.zeroshot(None, None, list(T.TASKS), data_dir=hand_data, progress=False, return_details=True)
-    for name, (acc, acc_norm) in EXPECTED.items():
-        t = res.tasks[name]
-        assert (t["acc"], t["acc_norm"]) == pytest.approx((acc, acc_norm)), name
-        assert t["score"] == (t["acc"] if T.TASKS[name].metric == "acc" else t["acc_norm"])
-    assert res.tasks["arc_challenge"]["details"][0]["pred"] == 0  # tie goes to the first choice
-    assert res.tasks["arc_challenge"]["details"][0]["pred_norm"] == 1  # acc_norm differs where lengths differ
-    expected_mean = (2 / 3 + 1 / 2 + 1 / 2 + 1 / 2 + 1.0 + 1.0 + 1.0) / 7
-    assert res.mean == pytest.approx(expected_mean)
-    lim = zs.zeroshot(None, None, ["boolq"], limit=1, data_dir=hand_data, progress=False)
+def test_hand_files_through_lm_eval_match_a_plain_forward(hand_data):
+    """Each task file -> `load_task`'s items -> `harness_rows` -> lm-eval: lm-eval must score exactly the
+    items' (context, continuation) pairs, with the plain forward's log-likelihoods, and report their
+    acc / acc_norm (hand-built items with ties and length-normalised flips)."""
+    from shortllm.evaluation.harness import REPORTED, harness_eval
+
+    model, tok = make_tiny("llama", seed=3), make_bpe_tokenizer()
+    res = harness_eval(model, tok, SEVEN, data_dir=hand_data, batch_size=4, log_samples=True)
+    for name in SEVEN:
+        items, t = T.load_task(name, hand_data), res.tasks[name]
+        ref = ref_task_scores(model, tok, items)
+        samples = sorted(res.samples[name], key=lambda s: s["doc_id"])
+        for it, s, ll in zip(items, samples, ref["lls"], strict=True):
+            assert [tuple(a) for a in s["arguments"]] == list(zip(it.contexts, it.continuations)), name
+            # winogrande's partial scoring: its target is the shared continuation, its gold the doc_to_text index
+            assert int(s["doc"]["gold"] if name == "winogrande" else s["target"]) == it.gold, name
+            assert [r[0][0] for r in s["resps"]] == pytest.approx(ll, rel=1e-4, abs=1e-4), name
+        assert t["n"] == len(items) and t["acc"] == pytest.approx(ref["acc"]), name
+        if name not in ("boolq", "winogrande"):  # lm-eval reports acc only for those two
+            assert t["acc_norm"] == pytest.approx(ref["acc_norm"]), name
+        assert t["metric"] == REPORTED[name] and t["score"] == pytest.approx(ref[REPORTED[name]]), name
+    assert res.mean == pytest.approx(sum(res.tasks[n]["score"] for n in SEVEN) / 7)
+    lim = harness_eval(model, tok, ["boolq"], limit=1, data_dir=hand_data)
     assert lim.tasks["boolq"]["n"] == 1 and lim.settings["limit"] == 1
 
 
@@ -159,24 +156,27 @@ def test_load_task_parses_once_and_rereads_a_changed_file(hand_data, monkeypatch
     T._parsed.cache_clear()
 
 
-def test_score_items_tie_and_norm():
-    items = [T.MCItem(("c",) * 2, (" ab", " abcd"), ("ab", "abcd"), 1)]
-    r = T.score_items(items, [-2.0, -2.0], "acc_norm", return_details=True)
-    assert r.acc == 0.0 and r.acc_norm == 1.0 and r.score == 1.0 and r.details[0]["pred"] == 0
+def test_malformed_item():
     with pytest.raises(DataError, match="malformed"):
         T.MCItem(("c",), (" a", " b"), ("a", "b"), 0)
 
 
 def test_unigram_model_prefers_the_likely_continuation(hand_data):
-    """End to end with a real forward: a model that puts all its mass on ' good' answers 'good'."""
+    """End to end with a real forward: a model that puts all its mass on ' good' answers 'good', with the
+    log-likelihood known in closed form."""
+    from shortllm.evaluation.harness import harness_eval
+
     tok = make_bpe_tokenizer()
-    good = zs.encode_pair(tok, "Question: which?\nAnswer:", " good")[1]
+    ctx = "Question: which?\nAnswer:"
+    good = tok(ctx + " good")["input_ids"][len(tok(ctx)["input_ids"]):]
     logits = torch.full((128,), -8.0, dtype=torch.float64)
     logits[good] = 8.0
     model = make_unigram_gpt2(logits)
-    res = zs.zeroshot(model, tok, ["arc_easy", "piqa"], data_dir=hand_data, progress=False, return_details=True)
-    d = res.tasks["arc_easy"]["details"]
-    assert d[1]["pred"] == 1 and d[1]["pred_norm"] == 1  # "good" among "bad thing"/"good"/"bad"
-    assert [x["pred"] for x in res.tasks["piqa"]["details"]] == [0, 1]  # the "good" solution each time
+    res = harness_eval(model, tok, ["arc_easy", "piqa"], data_dir=hand_data, log_samples=True)
+    arc = sorted(res.samples["arc_easy"], key=lambda s: s["doc_id"])
+    lls = [r[0][0] for r in arc[1]["resps"]]  # "bad thing" / "good" / "bad"
+    assert max(range(3), key=lls.__getitem__) == 1 and arc[1]["acc"] == 1.0 and arc[1]["acc_norm"] == 1.0
+    piqa = sorted(res.samples["piqa"], key=lambda s: s["doc_id"])
+    assert [s["acc"] for s in piqa] == [1.0, 0.0]  # the "good" solution each time; gold is 0 both times
     logp = logits.log_softmax(-1)
-    assert d[1]["lls"][1] == pytest.approx(sum(logp[t].item() for t in good), rel=1e-9)
+    assert lls[1] == pytest.approx(sum(logp[t].item() for t in good), rel=1e-9)

@@ -1,8 +1,8 @@
 """Zero-shot multiple-choice tasks: readers of the local files and lm-eval-harness 0.4 prompts.
 
 Each reader turns one file under ``$SHORTLLM_DATA`` (formats: ``shared/data/SOURCES.md``) into
-`MCItem`s carrying exactly the (context, continuation) pairs lm-eval-harness 0.4 scores, so the
-evaluator in `shortllm.evaluation.zero_shot` stays task-agnostic. Templates (lm-eval task YAMLs):
+`MCItem`s carrying exactly the (context, continuation) pairs lm-eval-harness 0.4 scores; `harness_rows`
+turns them into the rows lm-eval's own YAMLs read (`shortllm.evaluation.harness`, the scorer). Templates:
 
 - boolq:  ``"{passage}\\nQuestion: {question}?\\nAnswer:"``, choices ``no``/``yes`` (acc)
 - piqa:   ``"Question: {goal}\\nAnswer:"``, choices ``sol1``/``sol2`` (acc)
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -40,8 +39,7 @@ from typing import Callable, Optional, Sequence
 
 from shortllm.errors import DataError
 
-__all__ = ["MCItem", "TaskSpec", "TaskResult", "TASKS", "DEFAULT_TASKS", "load_task", "task_spec", "score_items",
-           "hellaswag_preprocess"]
+__all__ = ["MCItem", "TaskSpec", "TASKS", "DEFAULT_TASKS", "load_task", "task_spec", "hellaswag_preprocess"]
 
 
 @dataclass(frozen=True)
@@ -243,53 +241,6 @@ def _parsed(name: str, paths: tuple[Path, ...], identity: tuple) -> tuple[MCItem
     return tuple(TASKS[name].reader(list(paths)))
 
 
-# ---------------------------------------------------------------- scoring (lm-eval process_results)
-def _argmax_first(xs: Sequence[float]) -> int:
-    """np.argmax semantics: the first index among ties."""
-    best = 0
-    for i, x in enumerate(xs):
-        if x > xs[best]:
-            best = i
-    return best
-
-
-@dataclass
-class TaskResult:
-    acc: float
-    acc_norm: float
-    n: int
-    metric: str          # which of acc / acc_norm the average uses
-    score: float         # value of `metric`
-    acc_stderr: float
-    acc_norm_stderr: float
-    seconds: float = 0.0
-    details: Optional[list] = None   # per item: lls, pred, pred_norm, gold (return_details=True)
-
-
-def _stderr(p: float, n: int) -> float:
-    # lm-eval's mean_stderr: sample standard deviation / sqrt(n)
-    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
-
-
-def score_items(items: Sequence[MCItem], lls: Sequence[float], metric: str, return_details: bool = False) -> TaskResult:
-    """acc / acc_norm of items given their requests' log-likelihoods (flattened in item order)."""
-    k, correct, correct_n, details = 0, 0, 0, []
-    for it in items:
-        ll = list(lls[k:k + len(it.choices)])
-        k += len(it.choices)
-        pred = _argmax_first(ll)
-        pred_n = _argmax_first([x / max(len(c), 1) for x, c in zip(ll, it.choices)])
-        correct += pred == it.gold
-        correct_n += pred_n == it.gold
-        if return_details:
-            details.append({"lls": ll, "pred": pred, "pred_norm": pred_n, "gold": it.gold})
-    n = len(items)
-    acc, acc_n = correct / n, correct_n / n
-    return TaskResult(acc=acc, acc_norm=acc_n, n=n, metric=metric, score=acc if metric == "acc" else acc_n,
-                      acc_stderr=_stderr(acc, n), acc_norm_stderr=_stderr(acc_n, n),
-                      details=details if return_details else None)
-
-
 # ---------------------------------------------------------------- rows in the Hugging Face schemas
 # lm-eval's task YAMLs address the HF datasets' fields (ARC's choices.text/label, PIQA's goal/sol1/sol2,
 # ...). These readers turn each local file into rows of that schema, so the YAMLs `shortllm.evaluation.
@@ -340,8 +291,8 @@ def _labelled(choices: Sequence[str]) -> dict:
 
 
 def _mc_rows(name: str, data_dir) -> list[dict]:
-    """The 7 zero-shot tasks, from the parsed items (one parser per file format, shared with the
-    built-in scorer) back into the fields lm-eval's YAMLs read."""
+    """The 7 zero-shot tasks, from the parsed items (one parser per file format) back into the fields
+    lm-eval's YAMLs read."""
     items = load_task(name, data_dir)
     rows = []
     for it in items:

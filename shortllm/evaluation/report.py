@@ -1,4 +1,4 @@
-"""Report tables of `shortllm eval`: perplexity and zero-shot results as Markdown."""
+"""Report tables of `shortllm eval`: perplexity and lm-eval results as Markdown."""
 from __future__ import annotations
 
 
@@ -15,7 +15,8 @@ def ppl_table(rows: list[dict]) -> list[str]:
 
 
 def zeroshot_table(tasks: dict) -> list[str]:
-    """Markdown lines of a zero-shot table (task name -> `TaskResult` dict) ending with the mean row."""
+    """Markdown lines of a zero-shot table (task name -> a `HarnessResult.tasks` entry with ``seconds``)
+    ending with the mean row."""
     lines = ["| task | n | acc | acc_norm | reported | time (s) |", "|---|---:|---:|---:|---:|---:|"]
     for name, t in tasks.items():
         lines.append(f"| {name} | {t['n']} | {_pm(t, 'acc')} | {_pm(t, 'acc_norm')} | "
@@ -32,13 +33,6 @@ def render_markdown(report: dict) -> str:
         lines += ppl_table(report["perplexity"]) + [""]
     if report.get("harness"):
         lines += harness_table(report["harness"]) + [""]
-    zs = report.get("zeroshot")
-    if zs:
-        lim = zs["settings"].get("limit")
-        lines += zeroshot_table(zs["tasks"]) + [
-            "", f"Zero-shot (built-in scorer): lm-eval-harness 0.4 semantics, "
-                f"{'first ' + str(lim) + ' items per task' if lim else 'full splits'}; "
-                f"BOS policy: {zs['settings'].get('bos', 'not recorded')}."]
     return "\n".join(lines) + "\n"
 
 
