@@ -181,3 +181,20 @@ def test_cli_prune_heal(tmp_path):
     with pytest.raises(SystemExit) as exc:  # argparse: not one of the methods
         main(["prune", str(d), "--blocks", "3", "--heal", "ols", "-o", str(tmp_path / "y")])
     assert exc.value.code == 2
+
+
+def test_too_few_calibration_tokens_for_a_full_map_warn():
+    """Fewer valid tokens than the hidden size make the lstsq / cosine map underdetermined: a warning says so
+    (channel fits D numbers, not D x D, so it does not warn)."""
+    model = make_tiny("llama", 6, seed=3)
+    d = model.config.hidden_size
+    few = [random_batch(batch=1, seq=max(2, d // 4), seed=1)]
+    assert int(few[0]["attention_mask"].sum()) < d
+    with pytest.warns(UserWarning, match="fewer tokens than the hidden size"):
+        heal(model, make_plan(None, model=model, blocks=[2]), few, method="lstsq", progress=False)
+    chan = make_tiny("llama", 6, seed=3)
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error", UserWarning)
+        heal(chan, make_plan(None, model=chan, blocks=[2]), few, method="channel", progress=False)
