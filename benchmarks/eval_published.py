@@ -133,7 +133,8 @@ def main(argv=None) -> int:
         assert rows["teacher"]["params"] == PUBLISHED_PARAMS["teacher"], rows["teacher"]["params"]
         assert rows["last2"]["params"] == PUBLISHED_PARAMS["last2"], rows["last2"]["params"]
     loads.append(load_average())
-    report = {"stamp": stamp_dict(), "model": args.model, "limit": args.limit, "tasks": TASKS, "rows": rows,
+    report = {"stamp": stamp_dict(), "argv": list(sys.argv[1:] if argv is None else argv), "model": args.model,
+              "limit": args.limit, "tasks": TASKS, "rows": rows,
               "published": PUBLISHED, "published_params": PUBLISHED_PARAMS, "score_s": round(score_s, 1),
               "notes": notes, "load": loads, "wall_s": round(time.perf_counter() - t_all, 1)}
     write_report(HERE / "results" / "eval_published.json", json.dumps(report, indent=2, default=str) + "\n")
@@ -145,10 +146,7 @@ def _render(rep: dict, st: str, args) -> str:
     rows, pub = rep["rows"], rep["published"]
     t = rows["teacher"]
     lines = [f"# {rep['model']}: lm-eval 0-shot beside the published 18 -> 14 numbers", "",
-             f"Measured {st} by `python benchmarks/eval_published.py --model {rep['model']} --limit {args.limit or 0}"
-             f"{' --recover ' + args.recover if args.recover else ''}"
-             f"{' --recover-only ' + args.recover_only if args.recover_only else ''}"
-             f"{' --recover-tokens ' + str(args.recover_tokens) if args.recover else ''}`; "
+             f"Measured {st} by `python benchmarks/eval_published.py {' '.join(rep.get('argv', []))}`; "
              f"{rep['load'][0]} at start, {rep['load'][1]} at "
              f"end; total {rep['wall_s'] / 60:.0f} min. lm-eval-harness {t['harness_settings']['lm_eval']} on the "
              "local "
