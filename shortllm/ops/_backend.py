@@ -130,6 +130,17 @@ def device_guard(device: torch.device) -> ContextManager:
     return contextlib.nullcontext()
 
 
+def kernel_rows(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y with unit stride along their last dim (what the raw-pointer kernels index); a width-1 row is
+    read as one element, so any stride serves it and nothing is copied."""
+    return tuple(t.contiguous() if t.stride(-1) != 1 and t.shape[-1] > 1 else t for t in (x, y))
+
+
+def kernel_mask(mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The row mask as a flat contiguous bool tensor on `device` (kernels read it by raw pointer next to x)."""
+    return None if mask is None else mask.reshape(-1).to(device=device, dtype=torch.bool).contiguous()
+
+
 def available_backends() -> dict[str, bool]:
     """Which backends import on this machine (does not initialise CUDA; never warns)."""
     return {"ref": True, **{b: _load(b) is not None for b in BACKENDS if b != "ref"}}

@@ -40,12 +40,8 @@ def _cpu_ok(*ts: Optional[Tensor]) -> bool:
 def cosine_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], acc: Tensor) -> None:
     if not _cpu_ok(x, y) or x.dtype != y.dtype or acc.device.type != "cpu":
         return _ref("cosine_stats")(x, y, mask, acc)
-    if x.stride(-1) != 1 and x.shape[-1] > 1:
-        x = x.contiguous()
-    if y.stride(-1) != 1 and y.shape[-1] > 1:
-        y = y.contiguous()
-    if mask is not None:
-        mask = mask.reshape(-1).to(torch.bool).contiguous()
+    x, y = _backend.kernel_rows(x, y)
+    mask = _backend.kernel_mask(mask, x.device)
     out = acc if acc.is_contiguous() else torch.zeros(3, dtype=torch.float64)
     n, d = x.shape
     _cpu.cosine_stats(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), n, d, DTYPE_CODES[x.dtype],
@@ -141,12 +137,8 @@ def gram_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor, xty: T
     by N * D^2 (its arithmetic) rather than by the bytes read: a single thread below ~3e7 of them."""
     if not _cpu_ok(x, y) or x.dtype != y.dtype or xtx.device.type != "cpu" or xty.device.type != "cpu":
         return _ref("gram_stats")(x, y, mask, xtx, xty)
-    if x.stride(-1) != 1 and x.shape[-1] > 1:
-        x = x.contiguous()
-    if y.stride(-1) != 1 and y.shape[-1] > 1:
-        y = y.contiguous()
-    if mask is not None:
-        mask = mask.reshape(-1).to(torch.bool).contiguous()
+    x, y = _backend.kernel_rows(x, y)
+    mask = _backend.kernel_mask(mask, x.device)
     n, d = x.shape
     _cpu.gram_stats(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), n, d, DTYPE_CODES[x.dtype],
                     0 if mask is None else mask.data_ptr(), xtx.data_ptr(), xty.data_ptr(),

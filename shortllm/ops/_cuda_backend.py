@@ -38,12 +38,8 @@ def _out_for(acc: Tensor, device: torch.device) -> Tensor:
 def cosine_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], acc: Tensor) -> None:
     if not _ok(x, y) or x.dtype != y.dtype:
         return _backend._REF["cosine_stats"](x, y, mask, acc)
-    if x.stride(-1) != 1 and x.shape[-1] > 1:
-        x = x.contiguous()
-    if y.stride(-1) != 1 and y.shape[-1] > 1:
-        y = y.contiguous()
-    if mask is not None:
-        mask = mask.reshape(-1).to(device=x.device, dtype=torch.bool).contiguous()
+    x, y = _backend.kernel_rows(x, y)
+    mask = _backend.kernel_mask(mask, x.device)
     n, d = x.shape
     out = _out_for(acc, x.device)
     part = torch.empty(3 * max(1, _cuda.cosine_slots(n)), dtype=torch.float64, device=x.device)
@@ -113,12 +109,8 @@ def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
 def gram_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor, xty: Tensor) -> None:
     if not _ok(x, y) or x.dtype != y.dtype:
         return _backend._REF["gram_stats"](x, y, mask, xtx, xty)
-    if x.stride(-1) != 1 and x.shape[-1] > 1:
-        x = x.contiguous()
-    if y.stride(-1) != 1 and y.shape[-1] > 1:
-        y = y.contiguous()
-    if mask is not None:
-        mask = mask.reshape(-1).to(device=x.device, dtype=torch.bool).contiguous()
+    x, y = _backend.kernel_rows(x, y)
+    mask = _backend.kernel_mask(mask, x.device)
     n, d = x.shape
     a = xtx if xtx.device == x.device else torch.zeros_like(xtx, device=x.device)
     b = xty if xty.device == x.device else torch.zeros_like(xty, device=x.device)

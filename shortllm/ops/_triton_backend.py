@@ -42,10 +42,7 @@ def _ok(*ts: Optional[Tensor]) -> bool:
 def cosine_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], acc: Tensor) -> None:
     if not _ok(x, y) or x.dtype != y.dtype:
         return _backend._REF["cosine_stats"](x, y, mask, acc)
-    if x.stride(-1) != 1 and x.shape[-1] > 1:
-        x = x.contiguous()
-    if y.stride(-1) != 1 and y.shape[-1] > 1:
-        y = y.contiguous()
+    x, y = _backend.kernel_rows(x, y)
     n, d = x.shape
     if n == 0:
         return
@@ -125,10 +122,7 @@ def lm_head_nll_fwd(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
 def gram_stats(x: Tensor, y: Tensor, mask: Optional[Tensor], xtx: Tensor, xty: Tensor) -> None:
     if not _ok(x, y) or x.dtype != y.dtype:
         return _backend._REF["gram_stats"](x, y, mask, xtx, xty)
-    if x.stride(-1) != 1 and x.shape[-1] > 1:
-        x = x.contiguous()
-    if y.stride(-1) != 1 and y.shape[-1] > 1:
-        y = y.contiguous()
+    x, y = _backend.kernel_rows(x, y)
     n, d = x.shape
     if n == 0 or d == 0:
         return
