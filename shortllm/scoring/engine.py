@@ -22,13 +22,11 @@ from shortllm.ops import lm_head_nll
 from shortllm.scoring.collectors import (
     Collector,
     CosineCollector,
-    GateCollector,
     MagCollector,
-    SubLayerCollector,
-    TailCollector,
     TaylorCollector,
 )
 from shortllm.scoring.context import BatchContext, RunContext, batch_context, next_token_targets
+from shortllm.scoring.criteria_collectors import GateCollector, SubLayerCollector, TailCollector
 
 METRICS = ("bi", "angular", "taylor", "mag", "ppl", "bi_attn", "bi_mlp", "tail", "gate")
 DATA_FREE_METRICS = ("mag", "tail")  # computed from the weights / the block order alone
