@@ -75,6 +75,7 @@ class Knobs:
     retrain_seq_len: int = 128
     retrain_eval_examples: int = 8
     retrain_data: str = "ptb"
+    heal_method: str = "lstsq"  # "channel" for Gemma-2/3 (a full map cannot pass their post-MLP norm)
 
     def key(self) -> str:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset"}
@@ -221,7 +222,7 @@ def evaluate(model, tok, texts, knobs: Knobs, data_dir=None) -> dict:
     return evaluate_model(model, tok, texts, knobs, data_dir)
 
 
-def healed_model(model, plan, data):
+def healed_model(model, plan, data, method: str):
     """(healed pruned copy, report dict) or (None, reason)."""
     try:
         from shortllm.pruning.healing import heal
@@ -231,7 +232,7 @@ def healed_model(model, plan, data):
 
     m = copy.deepcopy(model)
     try:
-        rep = heal(m, plan, data, method="lstsq", progress=False)
+        rep = heal(m, plan, data, method=method, progress=False)
     except ShortLLMError as exc:
         return None, f"{type(exc).__name__}: {exc}"
     info = rep.to_dict() if hasattr(rep, "to_dict") else {}
@@ -303,7 +304,7 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
                 return {**info, **evaluate(m, tok, texts, knobs, data_dir)}
 
             def healed(plan=plan, info=info):
-                m, rep = healed_model(model, plan, main_data)
+                m, rep = healed_model(model, plan, main_data, knobs.heal_method)
                 if m is None:
                     return {**info, "note": rep, "uncached": rep.startswith("healing not installed")}
                 return {**info, "heal": rep, **evaluate(m, tok, texts, knobs, data_dir)}
@@ -396,7 +397,8 @@ def findings(res: dict) -> list[str]:
         if healed:
             better = [c for c, a, b in healed if b["ppl_wikitext2"] < a["ppl_wikitext2"]]
             ratios = [b["ppl_wikitext2"] / a["ppl_wikitext2"] for _, a, b in healed]
-            out.append(f"At {int(r * 100)}% lstsq healing lowered WikiText-2 PPL for {len(better)} of {len(healed)} "
+            method = res["knobs"].get("heal_method", "lstsq")
+            out.append(f"At {int(r * 100)}% {method} healing lowered WikiText-2 PPL for {len(better)} of {len(healed)} "
                        f"healable plans (healed/unhealed PPL ratio {min(ratios):.2f}–{max(ratios):.2f}).")
     if not res["healing_available"]:
         out.append("Healing was not installed in this tree (shortllm.pruning.healing missing): no healed column.")
@@ -431,7 +433,7 @@ def markdown(res: dict) -> str:
              "pass "
              f"for {', '.join(SCORED)}: {res['score_time']['wall_s']:.0f} s). Evaluation: WikiText-2 test / PTB "
              f"validation PPL on the first {k['eval_chunks']} chunks of {k['eval_seq_len']} tokens; zero-shot "
-             f"average of 7 tasks on the first {k['zs_limit']} items each. Healing: lstsq "
+             f"average of 7 tasks on the first {k['zs_limit']} items each. Healing: {k.get('heal_method', 'lstsq')} "
              f"(`shortllm.pruning.healing.heal`) on the same calibration batches. Ratios are of the parameters.", "",
              "| criterion | ratio | removed | recovery | wiki2 PPL | PTB PPL | zero-shot avg |",
              "|---|---|---|---|---|---|---|"]
@@ -484,6 +486,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-chunks", type=int, help="128-token chunks per PPL corpus (0 = all)")
     ap.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
                     help="also LoRA-recover each plan (default: on for full, off for smoke)")
+    ap.add_argument("--heal-method", choices=("lstsq", "cosine", "channel"),
+                    help="healing method (default lstsq; Gemma-2/3 take only channel)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads")
     ap.add_argument("--data-dir", help="shared data folder (default: $SHORTLLM_DATA)")
     ap.add_argument("--results", default=str(HERE / "results"), help="where criteria_<model>.{json,md} go")
@@ -500,6 +504,8 @@ def main(argv=None) -> int:
         knobs.eval_chunks = a.eval_chunks or None
     if a.lora is not None:
         knobs.lora = a.lora
+    if a.heal_method:
+        knobs.heal_method = a.heal_method
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     results = Path(a.results)
     slug = a.model.lower().replace("/", "_")

@@ -63,21 +63,35 @@ class Knobs:
     data: str = "ptb"
     protect_plus: tuple = (4, 2)
     seed: int = 0
+    mmlu_limit: Optional[int] = 1  # questions per subject (57 subjects); None = all 14,042
+    mmlu_shots: tuple = (0, 5)
+    # 5-shot MMLU costs ~7x the 0-shot run (contexts of ~600 tokens): the unpruned model and these recoveries
+    mmlu_fewshot_recoveries: tuple = ("none", "lora", "cpt", "kd", "partial")
+
+    def shots_for(self, recovery: str) -> tuple:
+        return tuple(k for k in self.mmlu_shots if k == 0 or recovery in self.mmlu_fewshot_recoveries)
 
     def cell_knobs(self, recovery: str) -> dict:
         d = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "preset"}))
         if recovery == "none":
             for k in ("tokens", "micro_batch", "grad_accum", "seq_len", "eval_examples", "last_k", "data"):
                 d.pop(k)
+        d["mmlu_shots"] = list(self.shots_for(recovery))
+        d.pop("mmlu_fewshot_recoveries")
         return d
 
 
 PRESETS = {
     # smoke: 16 steps x 2 x 128 tokens per recovery, 8 eval chunks, 20 items per task
-    "smoke": dict(calib_samples=4, eval_chunks=8, zs_limit=20, tokens=16 * 2 * 128, micro_batch=2),
+    "smoke": dict(calib_samples=4, eval_chunks=8, zs_limit=20, tokens=16 * 2 * 128, micro_batch=2, mmlu_limit=1,
+                  mmlu_shots=()),
     # full: 512 steps x 8 x 128 = 524k tokens per recovery, whole eval splits and tasks
+    # mid: what fits one core for SmolLM2's whole grid (~1.5 h): 16 steps x 2 x 128 tokens per recovery, 8 eval
+    # chunks, 10 items per zero-shot task, MMLU 1 question per subject (0-shot; 5-shot unpruned and unrecovered)
+    "mid": dict(calib_samples=8, eval_chunks=8, zs_limit=10, tokens=16 * 2 * 128, micro_batch=2, mmlu_limit=1,
+                mmlu_fewshot_recoveries=("none",)),
     "full": dict(calib_samples=32, eval_chunks=None, zs_limit=None, tokens=512 * 8 * 128, micro_batch=8,
-                 eval_examples=64),
+                 eval_examples=64, mmlu_limit=None),
 }
 
 
@@ -90,7 +104,7 @@ def zero_shot_scores(model, tok, knobs: Knobs, data_dir=None) -> dict:
     return {"tasks": {k: r.tasks[k]["score"] for k in SEVEN}, "mean": r.mean}
 
 
-def evaluate(model, tok, knobs: Knobs, data_dir=None) -> dict:
+def evaluate(model, tok, knobs: Knobs, data_dir=None, shots: tuple = (0,)) -> dict:
     from shortllm.evaluation.corpus_ppl import perplexity
 
     out = {}
@@ -98,6 +112,21 @@ def evaluate(model, tok, knobs: Knobs, data_dir=None) -> dict:
         out[f"ppl_{c}"] = perplexity(model, tok, c, seq_len=128, max_chunks=knobs.eval_chunks, progress=False,
                                      data_dir=data_dir).ppl
     out["zeroshot"] = zero_shot_scores(model, tok, knobs, data_dir)
+    out["mmlu"] = mmlu_scores(model, tok, knobs, shots, data_dir)
+    return out
+
+
+def mmlu_scores(model, tok, knobs: Knobs, shots_list: tuple, data_dir=None) -> dict:
+    """MMLU through lm-eval's formulation at each of ``shots_list``: {shots: {"acc", "n", "categories"}}
+    (the first ``mmlu_limit`` test questions of every subject; few-shot examples from its dev split)."""
+    from shortllm.evaluation.harness import harness_eval
+
+    out = {}
+    for shots in shots_list:
+        r = harness_eval(model, tok, ["mmlu"], num_fewshot=int(shots), limit=knobs.mmlu_limit, data_dir=data_dir)
+        m = r.tasks["mmlu"]
+        out[str(shots)] = {"acc": m["score"], "n": m["n"],
+                           "categories": {c: v.get("acc") for c, v in m["categories"].items()}}
     return out
 
 
@@ -162,7 +191,7 @@ def run(model, tok, knobs: Knobs, criteria, ratios, recoveries, out: Path, data_
         cell = {"format": FORMAT, "key": key(c, r, m), "criterion": c, "ratio": r, "recovery": m,
                 "knobs": knobs.cell_knobs(m)}
         if c == "base":
-            cell.update(evaluate(model, tok, knobs, data_dir))
+            cell.update(evaluate(model, tok, knobs, data_dir, knobs.shots_for("none")))
         else:
             if plans is None:
                 calib = calibration_loader(knobs.calib_corpus, tok, n_samples=knobs.calib_samples,
@@ -176,7 +205,7 @@ def run(model, tok, knobs: Knobs, criteria, ratios, recoveries, out: Path, data_
                 if rdata is None:
                     rdata = load_retrain_data(knobs.data, tok, knobs.seq_len, 0.05, data_dir)
                 pruned, cell["retrain"] = recover(pruned, model, tok, rdata, m, knobs)
-            cell.update(evaluate(pruned, tok, knobs, data_dir))
+            cell.update(evaluate(pruned, tok, knobs, data_dir, knobs.shots_for(m)))
             del pruned
         cell["wall_s"] = time.perf_counter() - t0
         atomic_write_text(out / "cells" / f"{cell['key']}.json", json.dumps(cell, indent=1))
@@ -193,19 +222,22 @@ def markdown(cells: dict, knobs: Knobs, model_name: str, wall_s: float) -> str:
              f"Recovery on {knobs.data} train, {knobs.tokens:,} tokens each ({steps} steps x {knobs.micro_batch} x "
              f"{knobs.seq_len}) through transformers' Trainer; KD from the unpruned model; partial = LM head + last "
              f"{knobs.last_k} blocks. PPL: 128-token chunks ({knobs.eval_chunks or 'all'} per corpus); zero-shot: "
-             f"7-task mean over {knobs.zs_limit or 'all'} items per task. "
+             f"7-task mean over {knobs.zs_limit or 'all'} items per task; MMLU (lm-eval's formulation, accuracy %): "
+             f"{knobs.mmlu_limit or 'all'} test question(s) per subject x 57 subjects. "
              "Regenerate: `python benchmarks/recovery_experiment.py --model "
              f"{model_name} --preset {knobs.preset}`.", "",
              "| criterion | removed | recovery | WikiText-2 PPL | PTB PPL | 7-task mean "
-             "| held-out PPL before → after |",
-             "|---|---|---|---|---|---|---|"]
+             + "".join(f"| MMLU {k}-shot " for k in knobs.mmlu_shots) + "| held-out PPL before → after |",
+             "|---|---|---|---|---|---|" + "---|" * len(knobs.mmlu_shots) + "---|"]
     for c in cells.values():
         rt = c.get("retrain")
         ho = f"{rt['heldout_ppl_before']:.1f} → {rt['heldout_ppl_after']:.1f}" if rt else ""
         removed = ("—" if c["criterion"] == "base"
                    else f"{100 * c['removed_fraction']:.1f}% ({len(c['removed'])} blocks)")
         lines.append(f"| {LABEL[c['criterion']]} | {removed} | {c['recovery']} | {c['ppl_wikitext2']:.2f} | "
-                     f"{c['ppl_ptb']:.2f} | {c['zeroshot']['mean']:.3f} | {ho} |")
+                     f"{c['ppl_ptb']:.2f} | {c['zeroshot']['mean']:.3f} | "
+                     + "".join(f"{100 * c['mmlu'][str(k)]['acc']:.1f} | " if str(k) in c.get("mmlu", {}) else "— | "
+                               for k in knobs.mmlu_shots) + f"{ho} |")
     return "\n".join(lines) + "\n"
 
 

@@ -87,6 +87,48 @@ def test_lstsq_heals_every_other_mergeable_architecture(arch):
     assert after < before and fit.after == pytest.approx(after, rel=1e-4), (arch, before, after, fit)
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_channel_heals_through_a_post_mlp_norm(arch, tmp_path):
+    # Gemma-2/3 renormalise the MLP branch (post_feedforward_layernorm, weight applied as 1 + w): the per-channel
+    # map goes into that norm's weight. Oracle: the span's output in the unpruned model, and plain transformers
+    # reloading the export.
+    from transformers import AutoModelForCausalLM
+
+    from shortllm.pruning.exporting import export
+
+    data = calib()
+    target = _outputs(make_tiny(arch, 6, seed=3), data, 3)
+    plan = make_plan(None, model=make_tiny(arch, 6, seed=3), blocks=[2, 3])
+    plain = prune(make_tiny(arch, 6, seed=3), plan)
+    healed = make_tiny(arch, 6, seed=3)
+    w0 = healed.model.layers[1].post_feedforward_layernorm.weight.detach().clone()
+    fit = heal(healed, plan, data, method="channel", progress=False).spans[0]
+    before = _objective("mse", _outputs(plain, data, 1), target)
+    after = _objective("mse", _outputs(healed, data, 1), target)
+    assert after < before, (arch, before, after)
+    assert fit.before == pytest.approx(before, rel=1e-5) and fit.after == pytest.approx(after, rel=1e-4)
+    assert not torch.equal(healed.model.layers[1].post_feedforward_layernorm.weight, w0)
+    again = AutoModelForCausalLM.from_pretrained(export(healed, tmp_path / "healed", plan=plan),
+                                                 attn_implementation="eager").eval()
+    batch = random_batch(seed=11)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, healed(**batch).logits, rtol=0, atol=0)
+
+
+def test_channel_merge_into_a_plain_layernorm_scales_weight_and_bias():
+    from shortllm.pruning.healing import _merge_into_norm
+
+    norm = torch.nn.LayerNorm(7)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(5, 7)
+    scale = torch.rand(7, dtype=torch.float64) + 0.5
+    want = norm(x).double() * scale
+    _merge_into_norm(norm, scale)
+    torch.testing.assert_close(norm(x).double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_lstsq_map_is_the_normal_equations_solution():
     # with ridge 0 the merged map minimises ||m T - r||^2: compare with torch.linalg.lstsq on the raw rows
     data = calib(2)
@@ -148,8 +190,9 @@ def test_bad_inputs():
     with pytest.raises(PlanError, match="branches"):
         heal(model, make_plan(None, model=model, branches=[("attn", 2)]), calib(1), progress=False)
     gem = make_tiny("gemma2", 4, seed=1)
-    with pytest.raises(UnsupportedModelError, match="post_feedforward_layernorm"):
-        heal(gem, make_plan(None, model=gem, blocks=[2]), calib(1), progress=False)
+    for method in ("lstsq", "cosine"):  # a full map cannot pass Gemma's post-MLP norm; the error names the fix
+        with pytest.raises(UnsupportedModelError, match="post_feedforward_layernorm.*method='channel'"):
+            heal(gem, make_plan(None, model=gem, blocks=[2]), calib(1), method=method, progress=False)
     pruned = prune(make_tiny("llama", 4, seed=1), plan)
     with pytest.raises(PlanError, match="UNPRUNED"):
         heal(pruned, plan, calib(1), progress=False)

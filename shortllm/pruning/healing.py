@@ -35,9 +35,13 @@ Methods (T = I is "no healing": the pruned model as it is):
 Approximations, stated: the statistics come from the unpruned model and each span is fitted independently
 (a later span's anchor sees, after pruning, the stream changed by the earlier spans); a span that starts at
 block 0 has no block before it and is not healed (reported as skipped); plans that remove branches are
-refused; architectures whose MLP output is normalised again before the residual add (Gemma-2/3's
-post_feedforward_layernorm, OPT with post-layer-norm blocks) are refused, since m T would not reach the
-residual stream linearly there.
+refused; OPT-style post-layer-norm blocks (the whole stream renormalised) are refused.
+
+Blocks that renormalise the MLP branch before the residual add (Gemma-2/3's post_feedforward_layernorm) put a
+nonlinear norm between the output projection and the stream, so a full map T cannot be folded into either.
+There m is taken as the norm's output, and only "channel" applies: a diagonal T scales the norm's
+elementwise weight (w' = w t, or (1 + w) t - 1 for Gemma's offset parameterisation, told apart by probing the
+module and checked after the merge). "lstsq" and "cosine" are refused there with that advice.
 """
 from __future__ import annotations
 
@@ -122,13 +126,22 @@ def _check_model(model: nn.Module, plan: Plan, adapter) -> None:
                                     "prune without healing")
 
 
-def _out_proj(adapter, block: nn.Module, index: int) -> nn.Module:
-    names = {n.rsplit(".", 1)[-1] for n, _ in block.named_modules()}
-    hit = sorted(names & set(_POST_MLP_NORMS))
-    if hit:
-        raise UnsupportedModelError(f"block {index} renormalises its MLP output ({', '.join(hit)}) before the "
-                                    "residual add, so a map on the MLP output cannot be merged exactly; prune "
-                                    "without healing")
+def _out_proj(adapter, block: nn.Module, index: int, method: str) -> nn.Module:
+    """The module whose output is the MLP branch m that the map multiplies: the output projection, or the
+    post-MLP norm where the block has one (then only a diagonal map merges, into the norm's weight)."""
+    norms = [(n, mod) for n, mod in block.named_modules() if n.rsplit(".", 1)[-1] in _POST_MLP_NORMS]
+    if norms:
+        name, norm = norms[0]
+        if method != "channel":
+            raise UnsupportedModelError(f"block {index} renormalises its MLP output ({name}) before the residual "
+                                        f"add, so a full map ({method}) cannot be merged exactly; heal with "
+                                        "method='channel' (a per-channel scale merged into that norm's weight), "
+                                        "or prune without healing")
+        w = getattr(norm, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 1:
+            raise UnsupportedModelError(f"block {index}: {name} has no elementwise weight to merge a per-channel "
+                                        "map into; prune without healing")
+        return norm
     proj = adapter.mlp_out(block)
     if proj is None or getattr(proj, "weight", None) is None:
         raise UnsupportedModelError(f"block {index}: no MLP output projection at '{adapter.spec.mlp_out}' to merge "
@@ -173,7 +186,7 @@ class _SpanStats:
         self.m = self.h = None
 
 
-def _collect(model: nn.Module, adapter, spans: list[tuple[int, int]], data, keep_rows: int,
+def _collect(model: nn.Module, adapter, spans: list[tuple[int, int]], data, keep_rows: int, method: str,
              progress: bool) -> list[_SpanStats]:
     blocks = adapter.blocks()
     d = int(model.config.hidden_size)
@@ -198,7 +211,7 @@ def _collect(model: nn.Module, adapter, spans: list[tuple[int, int]], data, keep
 
     try:
         for a, st in by_anchor.items():
-            handles.append(_out_proj(adapter, blocks[a], a).register_forward_hook(
+            handles.append(_out_proj(adapter, blocks[a], a, method).register_forward_hook(
                 lambda mod, args, out, st=st: on_proj(st, mod, args, out)))
             handles.append(blocks[a].register_forward_hook(lambda mod, args, out, st=st: on_anchor(st, mod, args, out)))
         for last, st in by_last.items():
@@ -276,7 +289,38 @@ def _fit(st: _SpanStats, method: str, ridge: float, cosine_steps: int) -> tuple[
     return t, SpanFit(st.start, st.end, st.anchor, st.n, "mse", before, after)
 
 
+def _merge_into_norm(norm: nn.Module, scale: Tensor) -> None:
+    """Scale a norm's output per channel by `scale` through its weight. Whether the module multiplies by w or by
+    (1 + w) (Gemma) is read off the module itself: with w = 0 the output is 0 or the bare normalised input."""
+    w = norm.weight
+    b = getattr(norm, "bias", None)
+    probe = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    with torch.no_grad():
+        before = norm(probe).double()
+        saved = w.detach().clone()
+        w.zero_()
+        if b is not None:
+            saved_b = b.detach().clone()
+            b.zero_()
+        offset = bool(norm(probe).abs().max() > 0)
+        w.copy_(saved)
+        if b is not None:
+            b.copy_(saved_b)
+        s = scale.to(device=w.device, dtype=torch.float64)
+        w.copy_((((w.double() + 1) * s - 1) if offset else (w.double() * s)).to(w.dtype))
+        if b is not None:
+            b.copy_((b.double() * s).to(b.dtype))
+        after = norm(probe).double()
+    tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
+    if not torch.allclose(after, before * s, rtol=tol, atol=tol * float(before.abs().max())):
+        raise UnsupportedModelError(f"{type(norm).__name__} does not scale its output by its weight as w or (1 + w); "
+                                    "healing cannot merge a per-channel map into it")
+
+
 def _merge(proj: nn.Module, t: Tensor) -> None:
+    if proj.weight.dim() == 1:  # a post-MLP norm: t is diagonal here (only "channel" reaches this)
+        _merge_into_norm(proj, torch.diagonal(t))
+        return
     w = proj.weight
     with torch.no_grad():
         td = t.to(device=w.device)
@@ -313,12 +357,12 @@ def heal(model: nn.Module, plan: Plan, data, method: str = "lstsq", *, ridge: fl
         if s == 0:
             report.skipped.append({"start": s, "end": e, "reason": "no kept block before the span"})
         else:
-            _out_proj(adapter, blocks[s - 1], s - 1)  # refuse unsupported layouts before the pass
+            _out_proj(adapter, blocks[s - 1], s - 1, method)  # refuse unsupported layouts before the pass
             healable.append((s, e))
     if not healable:
         raise PlanError(f"nothing to heal: every removed span of {plan.removed} starts at block 0, so there is no "
                         "kept block before it to merge a map into; prune without healing")
-    stats = _collect(model, adapter, healable, data, max_rows if method == "cosine" else 0, progress)
+    stats = _collect(model, adapter, healable, data, max_rows if method == "cosine" else 0, method, progress)
     if any(st.n == 0 for st in stats):
         raise PlanError("the calibration data has no valid token (attention_mask all 0); give real calibration data")
     d = int(stats[0].xtx.shape[0])
@@ -330,7 +374,7 @@ def heal(model: nn.Module, plan: Plan, data, method: str = "lstsq", *, ridge: fl
                       "valid tokens, or use method='channel'", UserWarning, stacklevel=2)
     fits = [_fit(st, method, float(ridge), cosine_steps) for st in stats]
     for st, (t, fit) in zip(stats, fits):
-        _merge(_out_proj(adapter, blocks[st.anchor], st.anchor), t)
+        _merge(_out_proj(adapter, blocks[st.anchor], st.anchor, method), t)
         report.spans.append(fit)
     report.n_tokens = stats[0].n
     prune(model, plan, check_weights=False)  # the weights were just changed on purpose
