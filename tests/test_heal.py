@@ -226,6 +226,28 @@ def test_cli_prune_heal(tmp_path):
     assert exc.value.code == 2
 
 
+def test_cli_heals_gemma_per_channel_and_refuses_a_full_map(tmp_path, capsys):
+    from eval_helpers import make_bpe_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from shortllm.cli.app import main
+
+    d = tmp_path / "gemma"
+    make_tiny("gemma3_text", 6, seed=2).save_pretrained(d)
+    make_bpe_tokenizer().save_pretrained(d)
+    (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 80)
+    args = ["prune", str(d), "--blocks", "3,4", "--data", str(tmp_path / "calib.txt"), "--samples", "4",
+            "--seq-len", "16"]
+    assert main(args + ["--heal", "lstsq", "-o", str(tmp_path / "bad")]) == 2
+    assert "method='channel'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(args + ["--heal", "channel", "-o", str(tmp_path / "out")]) == 0
+    healed = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    base = AutoModelForCausalLM.from_pretrained(d)
+    w = lambda m, i: m.model.layers[i].post_feedforward_layernorm.weight  # noqa: E731
+    assert healed.config.num_hidden_layers == 4
+    assert not torch.equal(w(healed, 2), w(base, 2)) and torch.equal(w(healed, 1), w(base, 1))
+
+
 def test_too_few_calibration_tokens_for_a_full_map_warn():
     """Fewer valid tokens than the hidden size make the lstsq / cosine map underdetermined: a warning says so
     (channel fits D numbers, not D x D, so it does not warn)."""
