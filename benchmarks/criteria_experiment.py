@@ -79,6 +79,8 @@ class Knobs:
 
     def key(self) -> str:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset"}
+        if d["heal_method"] == "lstsq":  # the default before it was a knob: cells cached then stay valid
+            del d["heal_method"]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
