@@ -363,6 +363,43 @@ def cosine_case(dev, backend, n, d, dtype, mask_kind, noncontig, seed, plant=Fal
     return f"err {err:.2g}"
 
 
+def gram_case(dev, backend, n, d, dtype, mask_kind, noncontig, seed, plant=False) -> str:
+    """gram_ (healing's x^T x, x^T y in float64) into pre-filled device accumulators against gram_ref on the
+    CPU: products of widened inputs are exact in float64, so only the summation order may differ."""
+    import torch
+
+    from shortllm.ops import gram_, gram_ref
+
+    g = torch.Generator().manual_seed(seed)
+    width = d + 3 if noncontig else d
+    xb = torch.randn(n, width, generator=g).to(dtype)
+    yb = (torch.randn(n, width, generator=g) * 3 + 1).to(dtype)
+    mask = _mask(mask_kind, n, seed)
+    if plant:
+        pad = (~mask).nonzero().flatten().tolist()
+        _plant(xb, pad, seed, -1)
+        _plant(yb, pad[1:] + pad[:1], seed + 1, 1)
+    want_a, want_b = gram_ref(xb[:, :d], yb[:, :d], mask)
+    start = torch.randn(2, d, d, generator=g, dtype=torch.float64)
+    a, b = start[0].clone().to(dev), start[1].clone().to(dev)
+    x, y = xb.to(dev)[:, :d], yb.to(dev)[:, :d]
+    with forced_backend(backend), poisoned_empty():
+        gram_(x, y, None if mask is None else mask.to(dev), a, b)
+    got_a, got_b = a.cpu() - start[0], b.cpu() - start[1]
+    if not (torch.isfinite(got_a).all() and torch.isfinite(got_b).all()):
+        raise AssertionError("non-finite sums (a padded row or an unwritten slot leaked)")
+    sel = slice(None) if mask is None else mask
+    xa, ya = xb[:, :d][sel].double().abs(), yb[:, :d][sel].double().abs()
+    rel = max(1e-12, 8 * n * 2.2e-16)
+    worst = 0.0
+    for got, want, scale in ((got_a, want_a, xa.T @ xa), (got_b, want_b, xa.T @ ya)):
+        excess = (got - want).abs() - (scale * rel + 1e-14)
+        if (excess > 0).any():
+            raise AssertionError(f"|err| {(got - want).abs().max().item():.3g} beyond {rel:.1g} x sum|products|")
+        worst = max(worst, float(((got - want).abs() / (scale + 1e-300)).max()))
+    return f"rel err {worst:.2g}"
+
+
 def span_case(dev, backend, k, n, d, dtype, seed, mask_kind="some") -> str:
     """cosine_span_stats_ (every span ending at one block output in one call) into an anti-diagonal view of a
     bigger accumulator, as the scorer passes it: each row must get its pair's sums, nothing else may change."""
@@ -570,6 +607,17 @@ def section_ops(ctx) -> dict:
                 checks.run(f"{backend} lm_head_nll n={n} v={v} d={d} bias={bias} softcap={cap} {str(dt)[6:]}",
                            ce_case, dev, backend, n, v, d, dt, seed=n + v + d, bias=bias, softcap=cap, scale=sc,
                            chunk=chunk)
+        if hasattr(_ops, "gram_"):
+            gram_shapes = [(1, 1), (3, 65), (129, 577), (4097, 64), (2049, 1024)] if gpu else [(1, 1), (3, 65),
+                                                                                               (37, 129)]
+            for j, (n, d) in enumerate(gram_shapes):
+                for q, dt in enumerate((F32, BF16, F16)):
+                    mk = masks[(j + q) % 4]
+                    checks.run(f"{backend} gram {n}x{d} {str(dt)[6:]} mask={mk}", gram_case, dev, backend, n, d, dt, mk,
+                               j % 2 == 1, seed=n + d + j)
+            n, d = gram_shapes[-1]
+            checks.run(f"{backend} gram NaN/Inf in padded rows {n}x{d}", gram_case, dev, backend, n, d, BF16, "some",
+                       True, seed=12, plant=True)
         n, v, d = (129, 1000, 577) if gpu else (9, 300, 64)
         checks.run(f"{backend} lm_head_nll NaN/Inf in ignored rows", ce_case, dev, backend, n, v, d, BF16, seed=3,
                    plant=True)
