@@ -76,11 +76,15 @@ class Knobs:
     retrain_eval_examples: int = 8
     retrain_data: str = "ptb"
     heal_method: str = "lstsq"  # "channel" for Gemma-2/3 (a full map cannot pass their post-MLP norm)
+    # what a ratio is a share of: "params" (all parameters, the papers' convention) or "blocks" (the decoder
+    # blocks' parameters). Gemma-3-270M's embeddings are 63 % of it: 35 % of all parameters is 17 of 18 blocks
+    ratio_of: str = "params"
 
     def key(self) -> str:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset"}
-        if d["heal_method"] == "lstsq":  # the default before it was a knob: cells cached then stay valid
-            del d["heal_method"]
+        for k, default in (("heal_method", "lstsq"), ("ratio_of", "params")):
+            if d[k] == default:  # the default before it was a knob: cells cached then stay valid
+                del d[k]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
@@ -173,13 +177,24 @@ def sleb_order(model, data, n: int, cache: Path, log) -> list[int]:
     return [int(x) for x in res.order]
 
 
+def model_ratio(model, r: float, knobs: Knobs) -> float:
+    """A knob ratio as the share of ALL parameters that the planners take."""
+    from shortllm.model.adapters import get_adapter
+    from shortllm.pruning.plans import count_params
+
+    if knobs.ratio_of == "params":
+        return float(r)
+    blocks = sum(count_params(b) for b in get_adapter(model).blocks())
+    return float(r) * blocks / count_params(model)
+
+
 def sleb_needed(model, knobs: Knobs) -> int:
     from shortllm.model.adapters import get_adapter
     from shortllm.pruning.plans import blocks_for_ratio, count_params
 
     bp = [count_params(b) for b in get_adapter(model).blocks()]
     order = sorted(range(len(bp)), key=lambda i: bp[i])
-    return max(blocks_for_ratio(float(r), order, bp, count_params(model)) for r in knobs.ratios)
+    return max(blocks_for_ratio(model_ratio(model, r, knobs), order, bp, count_params(model)) for r in knobs.ratios)
 
 
 def joint_branches(model, scores, ratio: float) -> list[tuple[str, int]]:
@@ -291,7 +306,7 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
     plans = {}
     for r in knobs.ratios:
         for crit in CRITERIA:
-            plan, why = plan_for(model, scores, crit, r, order)
+            plan, why = plan_for(model, scores, crit, model_ratio(model, r, knobs), order)
             plans[(crit, r)] = plan
             tag = f"{crit}_r{int(round(r * 100)):02d}"
             if plan is None:
@@ -350,7 +365,7 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
                 row[f"tau_{label}_min"] = min(taus)
             if crit == "sleb" and not knobs.stab_sleb:
                 continue
-            ps = [plan_for(model, runs[n][0], crit, r20, runs[n][1])[0] for n in names]
+            ps = [plan_for(model, runs[n][0], crit, model_ratio(model, r20, knobs), runs[n][1])[0] for n in names]
             if all(p is not None for p in ps):
                 js = [jaccard(_units(a), _units(b)) for a, b in itertools.combinations(ps, 2)]
                 row[f"jaccard20_{label}_mean"] = sum(js) / len(js)
@@ -428,7 +443,10 @@ def markdown(res: dict) -> str:
     cells = res["cells"]
     recs = ("none", "heal") + (("lora",) if k["lora"] else ())
     lines = [f"## Criteria: sub-layer, gate-gradient, tail, healing ({res['model']}, preset {k['preset']})", "",
-             f"`python benchmarks/criteria_experiment.py --model {res['model']} --preset {k['preset']}`; "
+             f"`python benchmarks/criteria_experiment.py --model {res['model']} --preset {k['preset']}"
+             + (f" --heal-method {k['heal_method']}" if k.get("heal_method", "lstsq") != "lstsq" else "")
+             + (f" --ratio-of {k['ratio_of']}" if k.get("ratio_of", "params") != "params" else "")
+             + (" --lora" if k["lora"] and k["preset"] != "full" else "") + "`; "
              f"{stamp_line(res['stamp'])}; {res['load']}; this invocation {res['wall_s'] / 60:.1f} min wall (cached "
              f"cells reused); all cells, scoring passes and searches together {res['compute_s'] / 60:.1f} min.", "",
              f"Calibration: WikiText-2, {k['calib_samples']} x {k['calib_seq_len']} tokens, seed 0 (one score_fast "
@@ -436,7 +454,9 @@ def markdown(res: dict) -> str:
              f"for {', '.join(SCORED)}: {res['score_time']['wall_s']:.0f} s). Evaluation: WikiText-2 test / PTB "
              f"validation PPL on the first {k['eval_chunks']} chunks of {k['eval_seq_len']} tokens; zero-shot "
              f"average of 7 tasks on the first {k['zs_limit']} items each. Healing: {k.get('heal_method', 'lstsq')} "
-             f"(`shortllm.pruning.healing.heal`) on the same calibration batches. Ratios are of the parameters.", "",
+             f"(`shortllm.pruning.healing.heal`) on the same calibration batches. Ratios are of "
+             + ("the parameters." if k.get("ratio_of", "params") == "params" else
+                "the decoder blocks' parameters (embeddings excluded); 'removed' is of all parameters.") + "", "",
              "| criterion | ratio | removed | recovery | wiki2 PPL | PTB PPL | zero-shot avg |",
              "|---|---|---|---|---|---|---|"]
     b = cells["base"]
@@ -490,6 +510,8 @@ def main(argv=None) -> int:
                     help="also LoRA-recover each plan (default: on for full, off for smoke)")
     ap.add_argument("--heal-method", choices=("lstsq", "cosine", "channel"),
                     help="healing method (default lstsq; Gemma-2/3 take only channel)")
+    ap.add_argument("--ratio-of", choices=("params", "blocks"),
+                    help="ratios as a share of all parameters (default) or of the decoder blocks' parameters")
     ap.add_argument("--threads", type=int, help="torch intra-op threads")
     ap.add_argument("--data-dir", help="shared data folder (default: $SHORTLLM_DATA)")
     ap.add_argument("--results", default=str(HERE / "results"), help="where criteria_<model>.{json,md} go")
@@ -508,6 +530,8 @@ def main(argv=None) -> int:
         knobs.lora = a.lora
     if a.heal_method:
         knobs.heal_method = a.heal_method
+    if a.ratio_of:
+        knobs.ratio_of = a.ratio_of
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     results = Path(a.results)
     slug = a.model.lower().replace("/", "_")
