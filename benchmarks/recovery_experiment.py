@@ -67,6 +67,7 @@ class Knobs:
     mmlu_shots: tuple = (0, 5)
     # 5-shot MMLU costs ~7x the 0-shot run (contexts of ~600 tokens): the unpruned model and these recoveries
     mmlu_fewshot_recoveries: tuple = ("none", "lora", "cpt", "kd", "partial")
+    ratio_of: str = "params"  # or "blocks": a share of the decoder blocks' parameters (see criteria_experiment)
 
     def shots_for(self, recovery: str) -> tuple:
         return tuple(k for k in self.mmlu_shots if k == 0 or recovery in self.mmlu_fewshot_recoveries)
@@ -78,6 +79,8 @@ class Knobs:
                 d.pop(k)
         d["mmlu_shots"] = list(self.shots_for(recovery))
         d.pop("mmlu_fewshot_recoveries")
+        if d["ratio_of"] == "params":  # the default before it was a knob: cells computed then stay valid
+            d.pop("ratio_of")
         return d
 
 
@@ -135,17 +138,21 @@ def make_plans(model, scores, criteria, ratios, knobs: Knobs) -> dict:
     from shortllm.pruning.plans import blocks_for_ratio, count_params, make_plan
 
     plans = {}
-    for r in ratios:
+    share = 1.0
+    if knobs.ratio_of == "blocks":
+        share = sum(count_params(b) for b in get_adapter(model).blocks()) / count_params(model)
+    for r0 in ratios:
+        r = float(r0) * share
         for c in criteria:
             if c == "tail" and "tail" not in scores.values:
                 blocks = get_adapter(model).blocks()
                 order = list(range(len(blocks) - 2, -1, -1))  # deepest first, the last block kept
                 k = blocks_for_ratio(float(r), order, [count_params(b) for b in blocks], count_params(model))
-                plans[(c, r)] = make_plan(None, model=model, blocks=order[:k])
-                plans[(c, r)].metric = "tail"
+                plans[(c, r0)] = make_plan(None, model=model, blocks=order[:k])
+                plans[(c, r0)].metric = "tail"
             else:
                 prot = tuple(knobs.protect_plus) if c == "taylor" else (0, 0)
-                plans[(c, r)] = make_plan(scores, c, model=model, ratio=float(r), protect=prot)
+                plans[(c, r0)] = make_plan(scores, c, model=model, ratio=r, protect=prot)
     return plans
 
 
@@ -225,7 +232,10 @@ def markdown(cells: dict, knobs: Knobs, model_name: str, wall_s: float) -> str:
              f"7-task mean over {knobs.zs_limit or 'all'} items per task; MMLU (lm-eval's formulation, accuracy %): "
              f"{knobs.mmlu_limit or 'all'} test question(s) per subject x 57 subjects. "
              "Regenerate: `python benchmarks/recovery_experiment.py --model "
-             f"{model_name} --preset {knobs.preset}`.", "",
+             f"{model_name} --preset {knobs.preset}"
+             + ("" if knobs.ratio_of == "params" else f" --ratio-of {knobs.ratio_of}") + "`. Ratios are of "
+             + ("all parameters." if knobs.ratio_of == "params" else
+                "the decoder blocks' parameters ('removed' is of all parameters)."), "",
              "| criterion | removed | recovery | WikiText-2 PPL | PTB PPL | 7-task mean "
              + "".join(f"| MMLU {k}-shot " for k in knobs.mmlu_shots) + "| held-out PPL before → after |",
              "|---|---|---|---|---|---|" + "---|" * len(knobs.mmlu_shots) + "---|"]
@@ -249,6 +259,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.2,0.35")
     ap.add_argument("--recoveries", default=",".join(RECOVERIES))
     ap.add_argument("--out", default=None, help="cell folder (default benchmarks/results/recovery_<model>/)")
+    ap.add_argument("--ratio-of", choices=("params", "blocks"), default="params",
+                    help="ratios as a share of all parameters (default) or of the decoder blocks' parameters")
+    ap.add_argument("--mmlu-shots", default=None,
+                    help="comma-separated MMLU shot counts to run, e.g. '0' or '' for none (default: the preset's)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data-dir", default=None, help="shared data folder (default $SHORTLLM_DATA)")
     ap.add_argument("--quiet", action="store_true")
@@ -263,7 +277,9 @@ def main(argv=None) -> int:
     if bad:
         raise DataError(f"Unknown criteria/recoveries {bad}; use {CRITERIA} and {RECOVERIES}.")
     ratios = [float(r) for r in a.ratios.split(",")]
-    knobs = Knobs(preset=a.preset, **PRESETS[a.preset])
+    knobs = Knobs(preset=a.preset, **PRESETS[a.preset], ratio_of=a.ratio_of)
+    if a.mmlu_shots is not None:
+        knobs.mmlu_shots = tuple(int(x) for x in a.mmlu_shots.split(",") if x.strip())
     name = Path(a.model).name if Path(a.model).is_dir() else a.model
     out = Path(a.out) if a.out else HERE / "results" / f"recovery_{name}"
     from shortllm.model.loading import load_model
