@@ -222,7 +222,61 @@ def run(model, tok, knobs: Knobs, criteria, ratios, recoveries, out: Path, data_
             and d.get("knobs") == knobs.cell_knobs(x[2])}
 
 
-def markdown(cells: dict, knobs: Knobs, model_name: str, wall_s: float) -> str:
+def _median(xs: list) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def findings(cells: dict, n_layers: int) -> list[str]:
+    """The seed papers' claims and what KD / partial add, each computed from the cells (nothing typed in)."""
+    def get(c, r, m):
+        return cells.get(f"{c}_r{int(round(r * 100)):02d}_{m}")
+
+    ratios = sorted({c["ratio"] for c in cells.values() if c.get("ratio") is not None})
+    crits = [c for c in CRITERIA if any(get(c, r, "none") for r in ratios)]
+    out = []
+    for r in ratios:
+        none = {c: get(c, r, "none") for c in crits if get(c, r, "none")}
+        if len(none) < 2:
+            continue
+        best_ppl = min(none, key=lambda c: none[c]["ppl_wikitext2"])
+        best_zs = max(none, key=lambda c: none[c]["zeroshot"]["mean"])
+        zs = ", ".join(f"{LABEL[c]} {100 * none[c]['zeroshot']['mean']:.1f}" for c in none)
+        out.append(f"(a) {int(r * 100)}%, no recovery: lowest WikiText-2 PPL {LABEL[best_ppl]} "
+                   f"({none[best_ppl]['ppl_wikitext2']:.1f}; PPL criterion "
+                   + (f"{none['ppl']['ppl_wikitext2']:.1f}" if "ppl" in none else "not run")
+                   + f"); best 7-task mean {LABEL[best_zs]} ({zs}).")
+    deep = {}
+    for c in crits:
+        removed = [i for r in ratios if get(c, r, "none") for i in get(c, r, "none")["removed"]]
+        if removed:
+            deep[c] = sum(i >= n_layers / 2 for i in removed) / len(removed)
+    if deep:
+        out.append("(b) share of removed blocks in the deeper half (all ratios): "
+                   + ", ".join(f"{LABEL[c]} {100 * v:.0f}%" for c, v in deep.items()) + ".")
+    for a, b, tag in (("cpt", "lora", "(c) CPT vs LoRA"), ("kd", "cpt", "KD vs CPT"), ("kd", "lora", "KD vs LoRA"),
+                      ("partial", "lora", "partial vs LoRA")):
+        for r in ratios:
+            pairs = [(get(c, r, a), get(c, r, b)) for c in crits if get(c, r, a) and get(c, r, b)]
+            if not pairs:
+                continue
+            wins = sum(x["ppl_wikitext2"] < y["ppl_wikitext2"] for x, y in pairs)
+            ratio = _median([x["ppl_wikitext2"] / y["ppl_wikitext2"] for x, y in pairs])
+            zs = _median([x["zeroshot"]["mean"] - y["zeroshot"]["mean"] for x, y in pairs])
+            out.append(f"{tag} at {int(r * 100)}%: lower WikiText-2 PPL for {wins} of {len(pairs)} criteria "
+                       f"(median PPL ratio {ratio:.2f}; median 7-task mean difference {100 * zs:+.1f} points).")
+    mm = [c["mmlu"]["0"]["acc"] for c in cells.values() if "0" in c.get("mmlu", {})]
+    if mm:
+        n = next(c["mmlu"]["0"]["n"] for c in cells.values() if "0" in c.get("mmlu", {}))
+        se = 100 * (0.25 * 0.75 / max(n, 1)) ** 0.5
+        off = sum(abs(100 * a - 25) > 2 * se for a in mm)
+        out.append(f"MMLU 0-shot spans {100 * min(mm):.1f}-{100 * max(mm):.1f} over {len(mm)} cells, on {n} questions "
+                   f"(chance 25%, binomial SE at chance {se:.1f} points): {off} of {len(mm)} cells lie more than "
+                   "2 SE from chance.")
+    return out
+
+
+def markdown(cells: dict, knobs: Knobs, model_name: str, wall_s: float, n_layers: int = 0) -> str:
     steps = -(-knobs.tokens // (knobs.micro_batch * knobs.grad_accum * knobs.seq_len))
     lines = [f"## Recovery at equal token budgets: {model_name} (`{knobs.preset}` preset)", "",
              f"_{stamp()}; {wall_s / 60:.1f} min wall for the cells computed in this run._", "",
@@ -248,6 +302,8 @@ def markdown(cells: dict, knobs: Knobs, model_name: str, wall_s: float) -> str:
                      f"{c['ppl_ptb']:.2f} | {c['zeroshot']['mean']:.3f} | "
                      + "".join(f"{100 * c['mmlu'][str(k)]['acc']:.1f} | " if str(k) in c.get("mmlu", {}) else "— | "
                                for k in knobs.mmlu_shots) + f"{ho} |")
+    if n_layers:
+        lines += ["", "Findings (computed from the cells above):", ""] + [f"- {x}" for x in findings(cells, n_layers)]
     return "\n".join(lines) + "\n"
 
 
@@ -293,7 +349,7 @@ def main(argv=None) -> int:
     atomic_write_text(res / f"recovery_{name}.json", json.dumps(
         {"stamp": stamp_dict(), "model": a.model, "knobs": dataclasses.asdict(knobs), "wall_s": wall,
          "cells": cells}, indent=1))
-    write_report(res / f"recovery_{name}.md", markdown(cells, knobs, name, wall))
+    write_report(res / f"recovery_{name}.md", markdown(cells, knobs, name, wall, int(model.config.num_hidden_layers)))
     return 0
 
 
