@@ -144,7 +144,7 @@ def make_plans(model, scores, criteria, ratios, knobs: Knobs) -> dict:
     for r0 in ratios:
         r = float(r0) * share
         for c in criteria:
-            if c == "tail" and "tail" not in scores.values:
+            if c == "tail" and (scores is None or "tail" not in scores.values):
                 blocks = get_adapter(model).blocks()
                 order = list(range(len(blocks) - 2, -1, -1))  # deepest first, the last block kept
                 k = blocks_for_ratio(float(r), order, [count_params(b) for b in blocks], count_params(model))
