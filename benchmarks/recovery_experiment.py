@@ -178,8 +178,8 @@ def _read(path: Path):
 
 
 def run(model, tok, knobs: Knobs, criteria, ratios, recoveries, out: Path, data_dir=None, progress=True,
-        log=print) -> dict:
-    """Compute every missing cell under ``out/cells`` and return {key: cell}."""
+        log=print, compute: bool = True) -> dict:
+    """Compute every missing cell under ``out/cells`` (none when not ``compute``) and return {key: cell}."""
     from shortllm.data.calibration import calibration_loader
     from shortllm.pruning.removal import prune
     from shortllm.retrain.train_data import load_retrain_data
@@ -192,6 +192,8 @@ def run(model, tok, knobs: Knobs, criteria, ratios, recoveries, out: Path, data_
     todo = [x for x in cells if not ((d := _read(out / "cells" / f"{key(*x)}.json")) and d.get("format") == FORMAT
                                      and d.get("knobs") == knobs.cell_knobs(x[2]))]
     log(f"{len(cells) - len(todo)} of {len(cells)} cells already done")
+    if not compute:
+        todo = []
     plans = rdata = None
     for c, r, m in tqdm(todo, desc="recovery cells", unit="cell", disable=not progress):
         t0 = time.perf_counter()
@@ -279,7 +281,8 @@ def findings(cells: dict, n_layers: int) -> list[str]:
 def markdown(cells: dict, knobs: Knobs, model_name: str, wall_s: float, n_layers: int = 0) -> str:
     steps = -(-knobs.tokens // (knobs.micro_batch * knobs.grad_accum * knobs.seq_len))
     lines = [f"## Recovery at equal token budgets: {model_name} (`{knobs.preset}` preset)", "",
-             f"_{stamp()}; {wall_s / 60:.1f} min wall for the cells computed in this run._", "",
+             f"_{stamp()}; {len(cells)} cells, {sum(c.get('wall_s', 0.0) for c in cells.values()) / 60:.1f} min of "
+             f"cell compute summed (this invocation {wall_s / 60:.1f} min wall; finished cells are reused)._", "",
              f"Recovery on {knobs.data} train, {knobs.tokens:,} tokens each ({steps} steps x {knobs.micro_batch} x "
              f"{knobs.seq_len}) through transformers' Trainer; KD from the unpruned model; partial = LM head + last "
              f"{knobs.last_k} blocks. PPL: 128-token chunks ({knobs.eval_chunks or 'all'} per corpus); zero-shot: "
@@ -321,6 +324,7 @@ def main(argv=None) -> int:
                     help="comma-separated MMLU shot counts to run, e.g. '0' or '' for none (default: the preset's)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data-dir", default=None, help="shared data folder (default $SHORTLLM_DATA)")
+    ap.add_argument("--report-only", action="store_true", help="render the report from the finished cells only")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     if a.threads:
@@ -343,7 +347,8 @@ def main(argv=None) -> int:
     model, tok = load_model(a.model)
     t0 = time.perf_counter()
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    cells = run(model, tok, knobs, criteria, ratios, recoveries, out, a.data_dir, progress=not a.quiet, log=log)
+    cells = run(model, tok, knobs, criteria, ratios, recoveries, out, a.data_dir, progress=not a.quiet, log=log,
+                compute=not a.report_only)
     wall = time.perf_counter() - t0
     res = HERE / "results"
     atomic_write_text(res / f"recovery_{name}.json", json.dumps(
