@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -278,7 +279,8 @@ def findings(cells: dict, n_layers: int) -> list[str]:
     return out
 
 
-def markdown(cells: dict, knobs: Knobs, model_name: str, wall_s: float, n_layers: int = 0) -> str:
+def markdown(cells: dict, knobs: Knobs, model_name: str, wall_s: float, n_layers: int = 0,
+             command: Optional[str] = None) -> str:
     steps = -(-knobs.tokens // (knobs.micro_batch * knobs.grad_accum * knobs.seq_len))
     lines = [f"## Recovery at equal token budgets: {model_name} (`{knobs.preset}` preset)", "",
              f"_{stamp()}; {len(cells)} cells, {sum(c.get('wall_s', 0.0) for c in cells.values()) / 60:.1f} min of "
@@ -286,11 +288,12 @@ def markdown(cells: dict, knobs: Knobs, model_name: str, wall_s: float, n_layers
              f"Recovery on {knobs.data} train, {knobs.tokens:,} tokens each ({steps} steps x {knobs.micro_batch} x "
              f"{knobs.seq_len}) through transformers' Trainer; KD from the unpruned model; partial = LM head + last "
              f"{knobs.last_k} blocks. PPL: 128-token chunks ({knobs.eval_chunks or 'all'} per corpus); zero-shot: "
-             f"7-task mean over {knobs.zs_limit or 'all'} items per task; MMLU (lm-eval's formulation, accuracy %): "
-             f"{knobs.mmlu_limit or 'all'} test question(s) per subject x 57 subjects. "
-             "Regenerate: `python benchmarks/recovery_experiment.py --model "
-             f"{model_name} --preset {knobs.preset}"
-             + ("" if knobs.ratio_of == "params" else f" --ratio-of {knobs.ratio_of}") + "`. Ratios are of "
+             f"7-task mean over {knobs.zs_limit or 'all'} items per task"
+             + (f"; MMLU (lm-eval's formulation, accuracy %): {knobs.mmlu_limit or 'all'} test question(s) per subject "
+                "x 57 subjects. " if knobs.mmlu_shots else "; no MMLU in this run. ")
+             + "Regenerate: `" + (command or f"python benchmarks/recovery_experiment.py --model {model_name} --preset "
+                                f"{knobs.preset}" + ("" if knobs.ratio_of == "params" else
+                                                     f" --ratio-of {knobs.ratio_of}")) + "`. Ratios are of "
              + ("all parameters." if knobs.ratio_of == "params" else
                 "the decoder blocks' parameters ('removed' is of all parameters)."), "",
              "| criterion | removed | recovery | WikiText-2 PPL | PTB PPL | 7-task mean "
@@ -354,7 +357,10 @@ def main(argv=None) -> int:
     atomic_write_text(res / f"recovery_{name}.json", json.dumps(
         {"stamp": stamp_dict(), "model": a.model, "knobs": dataclasses.asdict(knobs), "wall_s": wall,
          "cells": cells}, indent=1))
-    write_report(res / f"recovery_{name}.md", markdown(cells, knobs, name, wall, int(model.config.num_hidden_layers)))
+    cmd = " ".join(["python benchmarks/recovery_experiment.py"] + [shlex.quote(x) for x in (
+        sys.argv[1:] if argv is None else argv) if x not in ("--report-only", "--quiet")])
+    write_report(res / f"recovery_{name}.md", markdown(cells, knobs, name, wall, int(model.config.num_hidden_layers),
+                                                       command=cmd))
     return 0
 
 
