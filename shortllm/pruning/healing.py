@@ -313,6 +313,10 @@ def _merge_into_norm(norm: nn.Module, scale: Tensor) -> None:
         after = norm(probe).double()
     tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
     if not torch.allclose(after, before * s, rtol=tol, atol=tol * float(before.abs().max())):
+        with torch.no_grad():  # leave the module as it was, not half-merged
+            w.copy_(saved)
+            if b is not None:
+                b.copy_(saved_b)
         raise UnsupportedModelError(f"{type(norm).__name__} does not scale its output by its weight as w or (1 + w); "
                                     "healing cannot merge a per-channel map into it")
 
