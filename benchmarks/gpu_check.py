@@ -11,6 +11,9 @@ Correctness (a failure makes the exit status 1):
               the CPU float64 result, itself checked against shortllm.testing.reference and physical deletion
   device_map  a tiny model spread with accelerate over cuda:0 and the CPU scores like the single-device model
   host_syncs  torch.cuda.set_sync_debug_mode: host syncs per batch do not grow with the number of blocks
+  retrain_fsdp  `shortllm retrain` (cpt/kd/partial) under accelerate launch with docs/accelerate/fsdp.yaml on
+              one GPU equals one plain process: loss curve and exported weights (CPU mode: the harness with
+              accelerate's one-CPU launch)
 Performance (recorded, never fails the run): a Llama-3-8B-shaped model with random bf16 weights, 8 x 2048
 tokens: BI+angular / forward, Taylor / forward+backward and its peak memory / the seed-000 method's, the
 PPL criterion / naive L forwards, fused-op bandwidth / copy bandwidth, fused / unfused batch-1 decode.
@@ -837,6 +840,89 @@ def section_syncs(ctx) -> dict:
     return checks.result(counts=counts)
 
 
+# ---- correctness: retraining under FSDP -----------------------------------------------------------
+
+FSDP_METHODS = ("cpt", "kd", "partial")  # LoRA under FSDP is refused (use DDP)
+FSDP_TOL = 1e-4  # relative, losses and final weights: one rank, so only kernel choice differs
+
+
+def _retrain_cli(launcher: list[str], args: list[str], out: Path, env: dict) -> dict:
+    proc = subprocess.run([*launcher, "-m", "shortllm.cli.app", "retrain", *args, "-o", str(out), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=max(10, int(left()) - 5), cwd=out.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(launcher[-4:])} ... retrain` exited {proc.returncode}: {proc.stderr[-1200:]}")
+    return json.loads((out / "retrain.json").read_text())
+
+
+def _max_rel(a, b) -> float:
+    import torch
+
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max()) if a.numel() else 0.0
+
+
+def section_retrain_fsdp(ctx) -> dict:
+    """`accelerate launch --config_file docs/accelerate/fsdp.yaml` against one plain process, per method: the
+    same loss curve and final weights. One GPU allows one FSDP rank (NCCL refuses two ranks on one device);
+    that still runs FSDP2's per-block wrapping, the loss hook reading the head weight FSDP gathered, and the
+    full-state gather for the export. Without CUDA the same harness runs accelerate's one-CPU launch
+    (accelerate enables FSDP only on accelerators; tests/test_retrain_fsdp.py checks that refusal)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    tm = _tiny()
+    import retrain_helpers  # tests/, on the path after _tiny()
+
+    checks = ctx["checks"] = Checks()
+    tmp = Path(tempfile.mkdtemp(prefix="shortllm_fsdp_"))
+    src, teacher, corpus = tmp / "student", tmp / "teacher", tmp / "corpus.txt"
+    for path, seed in ((src, 0), (teacher, 1)):
+        tm.make_tiny("llama", seed=seed).save_pretrained(str(path))
+        retrain_helpers.char_tokenizer().save_pretrained(str(path))
+    corpus.write_text(retrain_helpers.toy_corpus(200))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    accel = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
+    if ctx["gpu"]:
+        launcher, want = accel + ["--config_file", str(REPO / "docs" / "accelerate" / "fsdp.yaml"),
+                                  "--main_process_port", "29531"], "FSDP"
+        device = ["--device", "cuda"]
+    else:
+        launcher, want, device = accel + ["--cpu"], "NO", []
+    w0 = load_file(str(src / "model.safetensors"))
+    for method in FSDP_METHODS:
+        args = [str(src), "--method", method, "--data", str(corpus), "--steps", "4", "--batch-size", "2",
+                "--seq-len", "32", "--lr", "3e-3", "--warmup", "1", *device]
+        args += ["--teacher", str(teacher)] if method == "kd" else []
+
+        def compare(method=method, args=args):
+            one = _retrain_cli([sys.executable], args, tmp / f"{method}_one", env)
+            par = _retrain_cli(launcher, args, tmp / f"{method}_launched", env)
+            if par.get("parallel") != want:
+                raise AssertionError(f"the launch ran {par.get('parallel')}, not {want}")
+            if len(par["losses"]) != len(one["losses"]) or not one["losses"]:
+                raise AssertionError(f"loss curves of different lengths: {par['losses']} vs {one['losses']}")
+            loss_rel = _max_rel(par["losses"], one["losses"])
+            wa = load_file(str(tmp / f"{method}_launched" / "model" / "model.safetensors"))
+            wb = load_file(str(tmp / f"{method}_one" / "model" / "model.safetensors"))
+            if wa.keys() != wb.keys():
+                raise AssertionError(f"exported tensors differ: {sorted(set(wa) ^ set(wb))[:5]}")
+            w_rel = max(float((wa[k].double() - wb[k].double()).abs().max() / wb[k].double().abs().max()
+                              .clamp_min(1e-12)) for k in wb)
+            moved = max(float((wb[k].double() - w0[k].double()).abs().max()) for k in wb if k in w0)
+            detail = (f"{want}: {len(one['losses'])} losses max rel diff {loss_rel:.1e}, final weights max rel "
+                      f"diff {w_rel:.1e} (training moved them by up to {moved:.2e})")
+            if loss_rel > FSDP_TOL or w_rel > FSDP_TOL or moved == 0.0:
+                raise AssertionError(detail)
+            return detail
+
+        checks.run(f"retrain {method}: launched ({want}) == one process", compare)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return checks.result()
+
+
 # ---- performance ---------------------------------------------------------------------------------
 
 def big_model(ctx):
@@ -1162,6 +1248,7 @@ SECTIONS = [
     ("e2e_tiny", "correctness", 60, section_e2e),
     ("device_map", "correctness", 20, section_device_map),
     ("host_syncs", "correctness", 20, section_syncs),
+    ("retrain_fsdp", "correctness", 60, section_retrain_fsdp),
     ("perf_ops_bandwidth", "performance", 15, section_perf_ops),
     ("perf_bi_angular", "performance", 45, section_perf_bi_angular),
     ("perf_ppl", "performance", 60, section_perf_ppl),

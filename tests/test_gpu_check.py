@@ -66,6 +66,9 @@ def test_cpu_mode_records_every_section(tmp_path):
         sec = res["sections"][name]
         assert sec["status"] == "skip" and "CUDA" in sec["reason"], sec
     assert any("cuda" in s and "CUDA device" in s for s in res["sections"]["ops"]["skipped_checks"])
+    fsdp = res["sections"]["retrain_fsdp"]  # without CUDA: its harness, with accelerate's one-CPU launch
+    assert fsdp["status"] == "pass" and fsdp["n_checks"] == 3, fsdp
+    assert all("launched (NO)" in c["name"] and "max rel diff" in c["detail"] for c in fsdp["checks"]), fsdp
     for name in ("perf_ops_bandwidth", "perf_bi_angular", "perf_ppl", "perf_taylor", "perf_fused_decode"):
         assert res["sections"][name]["status"] == "measured", res["sections"][name]
     assert res["sections"]["perf_ppl"]["scores_equal_rtol_1e-2"] is True
@@ -124,6 +127,22 @@ def test_e2e_check_fails_when_a_score_is_off(cpu_impls, monkeypatch):
 
 
 # ---- DeviceSums ------------------------------------------------------------------------------------
+
+def test_retrain_launch_check_fails_when_the_launched_run_differs(monkeypatch):
+    """The FSDP section's harness catches a launched run that trains differently (here: another LR)."""
+    gc = _script()
+    real = gc._retrain_cli
+
+    def other_lr(launcher, args, out, env):
+        return real(launcher, args + (["--lr", "1e-3"] if len(launcher) > 1 else []), out, env)
+
+    monkeypatch.setattr(gc, "FSDP_METHODS", ("cpt",))
+    monkeypatch.setattr(gc, "_retrain_cli", other_lr)
+    ctx = {"gpu": False}
+    res = gc.section_retrain_fsdp(ctx)
+    assert res["status"] == "fail" and res["n_failed"] == 1, res
+    assert "max rel diff" in res["failed"][0], res["failed"]
+
 
 def test_device_sums_route_by_device_and_merge():
     main = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
