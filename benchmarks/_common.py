@@ -86,3 +86,18 @@ def write_report(path, text: str) -> None:
         f.write(text)
     os.replace(f.name, path)
     print(text)
+
+
+def share_of_all_params(model, ratio: float, ratio_of: str) -> float:
+    """A removal ratio as the share of ALL parameters (what the planners take). ``ratio_of="blocks"`` reads
+    `ratio` as a share of the decoder blocks' parameters: on small models with large vocabularies
+    (Gemma-3-270M: embeddings 63% of the weights) a share of all parameters would remove almost every block."""
+    from shortllm.model.adapters import get_adapter
+    from shortllm.pruning.plans import count_params
+
+    if ratio_of == "params":
+        return float(ratio)
+    if ratio_of != "blocks":
+        raise ValueError(f"ratio_of must be 'params' or 'blocks', not {ratio_of!r}")
+    blocks = sum(count_params(b) for b in get_adapter(model).blocks())
+    return float(ratio) * blocks / count_params(model)

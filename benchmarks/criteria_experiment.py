@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _common import load_average, stamp, stamp_dict, write_report  # noqa: E402
+from _common import load_average, share_of_all_params, stamp, stamp_dict, write_report  # noqa: E402
 
 SCORED = ("bi", "taylor", "ppl", "bi_attn", "bi_mlp", "gate", "tail")  # one score_fast pass
 CRITERIA = ("bi", "taylor", "ppl", "sleb", "bi_attn", "bi_mlp", "branches", "gate", "tail")
@@ -177,24 +177,14 @@ def sleb_order(model, data, n: int, cache: Path, log) -> list[int]:
     return [int(x) for x in res.order]
 
 
-def model_ratio(model, r: float, knobs: Knobs) -> float:
-    """A knob ratio as the share of ALL parameters that the planners take."""
-    from shortllm.model.adapters import get_adapter
-    from shortllm.pruning.plans import count_params
-
-    if knobs.ratio_of == "params":
-        return float(r)
-    blocks = sum(count_params(b) for b in get_adapter(model).blocks())
-    return float(r) * blocks / count_params(model)
-
-
 def sleb_needed(model, knobs: Knobs) -> int:
     from shortllm.model.adapters import get_adapter
     from shortllm.pruning.plans import blocks_for_ratio, count_params
 
     bp = [count_params(b) for b in get_adapter(model).blocks()]
     order = sorted(range(len(bp)), key=lambda i: bp[i])
-    return max(blocks_for_ratio(model_ratio(model, r, knobs), order, bp, count_params(model)) for r in knobs.ratios)
+    total = count_params(model)
+    return max(blocks_for_ratio(share_of_all_params(model, r, knobs.ratio_of), order, bp, total) for r in knobs.ratios)
 
 
 def joint_branches(model, scores, ratio: float) -> list[tuple[str, int]]:
@@ -306,7 +296,7 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
     plans = {}
     for r in knobs.ratios:
         for crit in CRITERIA:
-            plan, why = plan_for(model, scores, crit, model_ratio(model, r, knobs), order)
+            plan, why = plan_for(model, scores, crit, share_of_all_params(model, r, knobs.ratio_of), order)
             plans[(crit, r)] = plan
             tag = f"{crit}_r{int(round(r * 100)):02d}"
             if plan is None:
@@ -365,7 +355,8 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
                 row[f"tau_{label}_min"] = min(taus)
             if crit == "sleb" and not knobs.stab_sleb:
                 continue
-            ps = [plan_for(model, runs[n][0], crit, model_ratio(model, r20, knobs), runs[n][1])[0] for n in names]
+            share = share_of_all_params(model, r20, knobs.ratio_of)
+            ps = [plan_for(model, runs[n][0], crit, share, runs[n][1])[0] for n in names]
             if all(p is not None for p in ps):
                 js = [jaccard(_units(a), _units(b)) for a, b in itertools.combinations(ps, 2)]
                 row[f"jaccard20_{label}_mean"] = sum(js) / len(js)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import stamp, stamp_dict, write_report  # noqa: E402
+from _common import share_of_all_params, stamp, stamp_dict, write_report  # noqa: E402
 
 from shortllm.errors import DataError  # noqa: E402
 from shortllm.io.atomic import atomic_write_text  # noqa: E402
@@ -139,11 +139,8 @@ def make_plans(model, scores, criteria, ratios, knobs: Knobs) -> dict:
     from shortllm.pruning.plans import blocks_for_ratio, count_params, make_plan
 
     plans = {}
-    share = 1.0
-    if knobs.ratio_of == "blocks":
-        share = sum(count_params(b) for b in get_adapter(model).blocks()) / count_params(model)
     for r0 in ratios:
-        r = float(r0) * share
+        r = share_of_all_params(model, r0, knobs.ratio_of)
         for c in criteria:
             if c == "tail" and (scores is None or "tail" not in scores.values):
                 blocks = get_adapter(model).blocks()
