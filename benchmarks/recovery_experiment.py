@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 
 from _common import share_of_all_params, stamp, stamp_dict, write_report  # noqa: E402
 
-from shortllm.errors import DataError  # noqa: E402
+from shortllm.errors import DataError, UsageError  # noqa: E402
 from shortllm.io.atomic import atomic_write_text  # noqa: E402
 
 CRITERIA = ("taylor", "ppl", "bi", "tail")
@@ -68,9 +68,14 @@ class Knobs:
     mmlu_shots: tuple = (0, 5)
     # 5-shot MMLU costs ~7x the 0-shot run (contexts of ~600 tokens): the unpruned model and these recoveries
     mmlu_fewshot_recoveries: tuple = ("none", "lora", "cpt", "kd", "partial")
+    # the recoveries whose cells get MMLU at all ("none" also covers the unpruned model): MMLU can be added
+    # to the cheap unrecovered cells of a grid without redoing its retrained ones
+    mmlu_recoveries: tuple = ("none", "lora", "cpt", "kd", "partial")
     ratio_of: str = "params"  # or "blocks": a share of the decoder blocks' parameters (see criteria_experiment)
 
     def shots_for(self, recovery: str) -> tuple:
+        if recovery not in self.mmlu_recoveries:
+            return ()
         return tuple(k for k in self.mmlu_shots if k == 0 or recovery in self.mmlu_fewshot_recoveries)
 
     def cell_knobs(self, recovery: str) -> dict:
@@ -80,6 +85,7 @@ class Knobs:
                 d.pop(k)
         d["mmlu_shots"] = list(self.shots_for(recovery))
         d.pop("mmlu_fewshot_recoveries")
+        d.pop("mmlu_recoveries")
         if d["ratio_of"] == "params":  # the default before it was a knob: cells computed then stay valid
             d.pop("ratio_of")
         return d
@@ -287,7 +293,9 @@ def markdown(cells: dict, knobs: Knobs, model_name: str, wall_s: float, n_layers
              f"{knobs.last_k} blocks. PPL: 128-token chunks ({knobs.eval_chunks or 'all'} per corpus); zero-shot: "
              f"7-task mean over {knobs.zs_limit or 'all'} items per task"
              + (f"; MMLU (lm-eval's formulation, accuracy %): {knobs.mmlu_limit or 'all'} test question(s) per subject "
-                "x 57 subjects. " if knobs.mmlu_shots else "; no MMLU in this run. ")
+                "x 57 subjects" + ("" if set(RECOVERIES) <= set(knobs.mmlu_recoveries) else
+                                   f", on the cells of recoveries {', '.join(knobs.mmlu_recoveries)} only") + ". "
+                if knobs.mmlu_shots else "; no MMLU in this run. ")
              + "Regenerate: `" + (command or f"python benchmarks/recovery_experiment.py --model {model_name} --preset "
                                 f"{knobs.preset}" + ("" if knobs.ratio_of == "params" else
                                                      f" --ratio-of {knobs.ratio_of}")) + "`. Ratios are of "
@@ -322,6 +330,9 @@ def main(argv=None) -> int:
                     help="ratios as a share of all parameters (default) or of the decoder blocks' parameters")
     ap.add_argument("--mmlu-shots", default=None,
                     help="comma-separated MMLU shot counts to run, e.g. '0' or '' for none (default: the preset's)")
+    ap.add_argument("--mmlu-recoveries", default=None,
+                    help="comma-separated recoveries whose cells get MMLU (default: all; 'none' includes the "
+                         "unpruned model), e.g. 'none' to add MMLU to a finished grid's unrecovered cells only")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data-dir", default=None, help="shared data folder (default $SHORTLLM_DATA)")
     ap.add_argument("--report-only", action="store_true", help="render the report from the finished cells only")
@@ -333,13 +344,18 @@ def main(argv=None) -> int:
         os.environ["SHORTLLM_DATA"] = a.data_dir
     criteria = [c.strip() for c in a.criteria.split(",") if c.strip()]
     recoveries = [m.strip() for m in a.recoveries.split(",") if m.strip()]
-    bad = sorted(set(criteria) - set(CRITERIA)) + sorted(set(recoveries) - set(RECOVERIES))
+    mmlu_recs = None if a.mmlu_recoveries is None else [m.strip() for m in a.mmlu_recoveries.split(",") if m.strip()]
+    bad = sorted(set(criteria) - set(CRITERIA)) + sorted(set(recoveries + (mmlu_recs or [])) - set(RECOVERIES))
     if bad:
         raise DataError(f"Unknown criteria/recoveries {bad}; use {CRITERIA} and {RECOVERIES}.")
     ratios = [float(r) for r in a.ratios.split(",")]
     knobs = Knobs(preset=a.preset, **PRESETS[a.preset], ratio_of=a.ratio_of)
     if a.mmlu_shots is not None:
         knobs.mmlu_shots = tuple(int(x) for x in a.mmlu_shots.split(",") if x.strip())
+    if mmlu_recs is not None:
+        if not knobs.mmlu_shots:
+            raise UsageError("--mmlu-recoveries applies only with MMLU shots (this run has --mmlu-shots '').")
+        knobs.mmlu_recoveries = tuple(mmlu_recs)
     name = Path(a.model).name if Path(a.model).is_dir() else a.model
     out = Path(a.out) if a.out else HERE / "results" / f"recovery_{name}"
     from shortllm.model.loading import load_model

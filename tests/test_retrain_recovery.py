@@ -85,3 +85,22 @@ def test_mmlu_columns_and_ratio_of_blocks(data_dir):
     removed = sum(bp[i] for i in plans[("tail", 0.5)].removed)
     assert removed == min((sum(bp[:k]) for k in range(len(bp))), key=lambda x: abs(x - 0.5 * sum(bp))), removed
     assert "ratio_of" not in Knobs(preset="test").cell_knobs("none"), "the default keeps old cells valid"
+
+
+def test_mmlu_on_unrecovered_cells_only_keeps_retrained_cells_valid():
+    """--mmlu-recoveries none: MMLU is added to the unpruned/unrecovered cells, and the retrained cells of a grid
+    run without MMLU keep matching knobs (they are reused, not recomputed)."""
+    from recovery_experiment import Knobs, main
+
+    from shortllm.errors import UsageError
+
+    k = Knobs(preset="test", mmlu_shots=(0, 5), mmlu_fewshot_recoveries=("none",), mmlu_recoveries=("none",))
+    assert k.shots_for("none") == (0, 5) and k.shots_for("kd") == () and k.shots_for("lora") == ()
+    old = Knobs(preset="test", mmlu_shots=())
+    for rec in ("lora", "cpt", "kd", "partial"):
+        assert k.cell_knobs(rec) == old.cell_knobs(rec), rec
+    assert k.cell_knobs("none") != old.cell_knobs("none")
+    with pytest.raises(UsageError, match="--mmlu-recoveries applies only with MMLU shots"):
+        main(["--mmlu-shots", "", "--mmlu-recoveries", "none", "--quiet"])
+    with pytest.raises(Exception, match="Unknown criteria/recoveries"):
+        main(["--mmlu-recoveries", "nope", "--quiet"])
