@@ -16,8 +16,10 @@ from tiny_models import make_tiny
 
 from shortllm.errors import CheckpointError, DataError, ExportError, RetrainConfigError, ShortLLMError
 from shortllm.retrain.config import RetrainConfig
+from shortllm.retrain.loss import forward_loss
+from shortllm.retrain.methods import lora_target_modules, wrap_lora
 from shortllm.retrain.train_data import StepStream, collate, instruction_data, load_retrain_data, text_data
-from shortllm.retrain.training import forward_loss, lora_target_modules, retrain_model, save_retrained, wrap_lora
+from shortllm.retrain.training import retrain_model, save_retrained
 
 pytest.importorskip("peft")
 HERE = Path(__file__).resolve().parent
