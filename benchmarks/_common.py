@@ -93,7 +93,7 @@ def share_of_all_params(model, ratio: float, ratio_of: str) -> float:
     `ratio` as a share of the decoder blocks' parameters: on small models with large vocabularies
     (Gemma-3-270M: embeddings 63% of the weights) a share of all parameters would remove almost every block."""
     from shortllm.model.adapters import get_adapter
-    from shortllm.pruning.plans import count_params
+    from shortllm.pruning.sizes import count_params
 
     if ratio_of == "params":
         return float(ratio)

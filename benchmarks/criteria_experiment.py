@@ -179,7 +179,7 @@ def sleb_order(model, data, n: int, cache: Path, log) -> list[int]:
 
 def sleb_needed(model, knobs: Knobs) -> int:
     from shortllm.model.adapters import get_adapter
-    from shortllm.pruning.plans import blocks_for_ratio, count_params
+    from shortllm.pruning.sizes import blocks_for_ratio, count_params
 
     bp = [count_params(b) for b in get_adapter(model).blocks()]
     order = sorted(range(len(bp)), key=lambda i: bp[i])
@@ -192,7 +192,7 @@ def joint_branches(model, scores, ratio: float) -> list[tuple[str, int]]:
     stream before and after the branch), taken from the lowest until the removed parameter share is closest to
     `ratio`; a block losing both branches is removed whole by make_plan."""
     from shortllm.model.adapters import get_adapter
-    from shortllm.pruning.plans import blocks_for_ratio, count_params
+    from shortllm.pruning.sizes import blocks_for_ratio, count_params
 
     adapter = get_adapter(model)
     units = [(float(scores.per_block(f"bi_{k}")[i]), k, i) for k in ("attn", "mlp") for i in range(adapter.num_layers)]
@@ -206,7 +206,8 @@ def plan_for(model, scores, crit: str, ratio: float, order: Optional[list[int]])
     """(plan, None) or (None, why not) for one criterion at one parameter ratio."""
     from shortllm.errors import PlanError
     from shortllm.model.adapters import get_adapter
-    from shortllm.pruning.plans import blocks_for_ratio, count_params, make_plan
+    from shortllm.pruning.plans import make_plan
+    from shortllm.pruning.sizes import blocks_for_ratio, count_params
 
     try:
         if crit == "branches":

@@ -93,8 +93,9 @@ def main(argv=None) -> int:
     from shortllm.data.calibration import calibration_loader
     from shortllm.evaluation.corpus_ppl import tokenizer_adds_bos
     from shortllm.model.loading import load_model
-    from shortllm.pruning.plans import count_params, make_plan
+    from shortllm.pruning.plans import make_plan
     from shortllm.pruning.removal import prune
+    from shortllm.pruning.sizes import count_params
     from shortllm.scoring.engine import score_fast
 
     torch.set_num_threads(args.threads)

@@ -142,7 +142,8 @@ def mmlu_scores(model, tok, knobs: Knobs, shots_list: tuple, data_dir=None) -> d
 
 def make_plans(model, scores, criteria, ratios, knobs: Knobs) -> dict:
     from shortllm.model.adapters import get_adapter
-    from shortllm.pruning.plans import blocks_for_ratio, count_params, make_plan
+    from shortllm.pruning.plans import make_plan
+    from shortllm.pruning.sizes import blocks_for_ratio, count_params
 
     plans = {}
     for r0 in ratios:

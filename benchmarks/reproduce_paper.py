@@ -209,7 +209,8 @@ def cached_sleb(model, calib, n_remove: int, out: Path, knobs: Knobs, progress: 
 
 def make_plans(model, scores, sleb_order: Optional[list[int]], knobs: Knobs) -> dict:
     from shortllm.model.adapters import get_adapter
-    from shortllm.pruning.plans import blocks_for_ratio, count_params, make_plan
+    from shortllm.pruning.plans import make_plan
+    from shortllm.pruning.sizes import blocks_for_ratio, count_params
 
     plans = {}
     for r in knobs.ratios:
@@ -229,7 +230,7 @@ def make_plans(model, scores, sleb_order: Optional[list[int]], knobs: Knobs) -> 
 
 def sleb_blocks_needed(model, knobs: Knobs) -> int:
     from shortllm.model.adapters import get_adapter
-    from shortllm.pruning.plans import blocks_for_ratio, count_params
+    from shortllm.pruning.sizes import blocks_for_ratio, count_params
 
     bp = [count_params(b) for b in get_adapter(model).blocks()]
     order = sorted(range(len(bp)), key=lambda i: bp[i])  # the most blocks any removal order could need
@@ -263,8 +264,8 @@ def run_experiment(model, tok, knobs: Knobs, out_dir, *, data_dir=None, progress
     (a RetrainData or a corpus name/path for `shortllm.retrain_data.load_retrain_data`).
     """
     from shortllm.data.calibration import calibration_loader
-    from shortllm.pruning.plans import count_params
     from shortllm.pruning.removal import prune
+    from shortllm.pruning.sizes import count_params
     from shortllm.retrain.config import RetrainConfig
     from shortllm.retrain.train_data import RetrainData, load_retrain_data
     from shortllm.retrain.training import retrain_model as retrain

@@ -41,7 +41,7 @@ def test_jaccard():
 def test_run_on_a_tiny_checkpoint_and_resume(tmp_path, data_dir):
     from criteria_experiment import CRITERIA, Knobs, markdown, run
 
-    from shortllm.pruning.plans import count_params
+    from shortllm.pruning.sizes import count_params
 
     torch.set_num_threads(1)
     src = tmp_path / "tiny"

@@ -9,7 +9,8 @@ from tiny_models import make_tiny
 
 from shortllm.errors import PlanError
 from shortllm.model.fingerprint import weights_fingerprint
-from shortllm.pruning.plans import Plan, blocks_for_ratio, count_params, make_plan
+from shortllm.pruning.plans import Plan, make_plan
+from shortllm.pruning.sizes import blocks_for_ratio, count_params
 from shortllm.scoring.scores import Scores
 
 L = 8

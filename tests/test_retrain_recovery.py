@@ -60,7 +60,7 @@ def test_mmlu_columns_and_ratio_of_blocks(data_dir):
     from recovery_experiment import Knobs, make_plans, markdown, mmlu_scores
 
     from shortllm.model.adapters import get_adapter
-    from shortllm.pruning.plans import count_params
+    from shortllm.pruning.sizes import count_params
 
     torch.set_num_threads(1)
     tok = make_bpe_tokenizer()

@@ -24,6 +24,8 @@ from torch import nn
 from shortllm.errors import PlanError
 from shortllm.io.atomic import atomic_write_text
 from shortllm.model.fingerprint import structure_fingerprint, weights_fingerprint
+from shortllm.pruning.selection import adjacent_pairs, best_span, branch_selection, check_ratio_reachable, non_adjacent
+from shortllm.pruning.sizes import blocks_for_ratio, count_params
 from shortllm.scoring.scores import Scores
 
 FORMAT = "shortllm.plan/1"
@@ -31,19 +33,6 @@ PROTECTED_METRICS = ("taylor", "mag")  # SPEC "+" rule: Taylor+ and Mag+
 DEFAULT_PROTECT = (4, 2)
 BRANCHES = ("attn", "mlp")
 BRANCH_METRICS = {"bi_attn": "attn", "bi_mlp": "mlp"}  # metric -> the branch kind its plans remove
-
-
-def count_params(modules) -> int:
-    """Unique parameters of one module or several (a tied weight counts once)."""
-    if isinstance(modules, nn.Module):
-        modules = [modules]
-    seen: dict[int, int] = {}
-    for m in modules:
-        if m is None:
-            continue
-        for p in m.parameters():
-            seen[id(p)] = p.numel()
-    return sum(seen.values())
 
 
 def scores_fingerprint(scores: Scores) -> str:
@@ -208,18 +197,6 @@ def _protect_for(metric: Optional[str], protect: Optional[Sequence[int]], num_la
     return first, last
 
 
-def blocks_for_ratio(ratio: float, order: Sequence[int], block_params: Sequence[int], total: int) -> int:
-    """How many blocks, taken from the front of removal ``order``, bring the removed share of the
-    ``total`` parameter count closest to ``ratio`` (at least one; ties keep the smaller count)."""
-    best_k, best_err, acc = 1, float("inf"), 0
-    for k, i in enumerate(order, start=1):
-        acc += block_params[i]
-        err = abs(acc / total - ratio)
-        if err < best_err - 1e-12:
-            best_k, best_err = k, err
-    return best_k
-
-
 def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: nn.Module,
               remove: Optional[int] = None, ratio: Optional[float] = None, blocks: Optional[Sequence[int]] = None,
               branches: Optional[Sequence[tuple[str, int]]] = None, protect: Optional[Sequence[int]] = None,
@@ -275,7 +252,7 @@ def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: 
     if no_adjacent and span:
         raise PlanError("no_adjacent=True does not apply to span=True (a span is contiguous by definition); drop one")
     if no_adjacent and (blocks is not None or branches) and remove is None and ratio is None:
-        adjacent = _adjacent_pairs(list(blocks or []) + [b for _, b in (branches or [])])
+        adjacent = adjacent_pairs(list(blocks or []) + [b for _, b in (branches or [])])
         if adjacent:
             raise PlanError(f"no_adjacent=True but the given blocks/branches include neighbours {adjacent}; "
                             "drop one of each pair or pass no_adjacent=False")
@@ -306,20 +283,20 @@ def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: 
                 raise PlanError(f"metric {metric!r} makes a branch plan; it does not combine with span=True or an "
                                 "explicit branches=[...] list")
             kind = BRANCH_METRICS[metric]
-            branches = _branch_selection(scores, metric, kind, adapter, remove, ratio, first, last, L, total,
+            branches = branch_selection(scores, metric, kind, adapter, remove, ratio, first, last, L, total,
                                          no_adjacent)
             mode = "remove" if remove is not None else "ratio"
         elif span:
             mode = "span"
-            removed = _span(scores, remove, ratio, first, last, L, block_params, total)
+            removed = best_span(scores, remove, ratio, first, last, L, block_params, total)
         else:
             mode = "remove" if remove is not None else "ratio"
             ranking = scores.ranking(metric)
             order = [i for i in ranking if first <= i < L - last]
             if ratio is not None:
-                _check_ratio_reachable(float(ratio), ranking, order, block_params, total, first, last, L)
+                check_ratio_reachable(float(ratio), ranking, order, block_params, total, first, last, L)
             if no_adjacent:
-                removed = _non_adjacent(order, remove, ratio, block_params, total, first, last, L, "blocks")
+                removed = non_adjacent(order, remove, ratio, block_params, total, first, last, L, "blocks")
             else:
                 k = remove if remove is not None else blocks_for_ratio(float(ratio), order, block_params, total)
                 if k > removable:
@@ -342,96 +319,6 @@ def make_plan(scores: Optional[Scores], metric: Optional[str] = None, *, model: 
                 scores_meta=_scores_provenance(scores), no_adjacent=bool(no_adjacent))
 
 
-def _adjacent_pairs(indices: Sequence[int]) -> list[tuple[int, int]]:
-    s = sorted(set(int(i) for i in indices))
-    return [(a, b) for a, b in zip(s, s[1:]) if b == a + 1]
-
-
-def _room(taken: set[int], lo: int, hi: int) -> int:
-    """How many more blocks in [lo, hi) can be taken without neighbouring each other or `taken`: each free run
-    of m positions between taken blocks (and their neighbours) holds ceil(m / 2)."""
-    room, run = 0, 0
-    for i in range(lo, hi):
-        if i in taken or (i - 1) in taken or (i + 1) in taken:
-            room += (run + 1) // 2
-            run = 0
-        else:
-            run += 1
-    return room + (run + 1) // 2
-
-
-def _non_adjacent(order: Sequence[int], remove: Optional[int], ratio: Optional[float], unit_params: Sequence[int],
-                  total: int, first: int, last: int, L: int, what: str) -> list[int]:
-    """Blocks from `order` (least important first), never two neighbours. remove=K: a pick is skipped when it
-    would leave no non-adjacent room for the rest of the K, so the result exists whenever K fits at all.
-    ratio=r: the greedy non-adjacent pick order, cut where the removed parameter share is closest to r."""
-    lo, hi = first, L - last
-    most = _room(set(), lo, hi)
-    want = remove
-    if ratio is not None:
-        greedy: list[int] = []
-        for i in order:
-            if i - 1 not in greedy and i + 1 not in greedy:
-                greedy.append(i)
-        need = blocks_for_ratio(float(ratio), list(order), unit_params, total)
-        if need > len(greedy):
-            best = sum(unit_params[i] for i in greedy) / total
-            raise PlanError(f"ratio={ratio} needs about {need} {what}, but no two may neighbour each other "
-                            f"(no_adjacent): the greedy pick holds {len(greedy)}, {best:.4f} of the parameters; "
-                            f"ask for ratio <= {best:.4f} or drop no_adjacent")
-        return sorted(greedy[:blocks_for_ratio(float(ratio), greedy, unit_params, total)])
-    assert want is not None, "remove or ratio is given"
-    if want > most:
-        raise PlanError(f"cannot remove {want} {what} without two neighbours (no_adjacent): the removable range "
-                        f"{lo}..{hi - 1} (protect=({first}, {last})) holds at most {most}; ask for remove <= {most} "
-                        "or drop no_adjacent")
-    taken: set[int] = set()
-    for i in order:
-        if len(taken) == want:
-            break
-        if i - 1 in taken or i + 1 in taken:
-            continue
-        if _room(taken | {i}, lo, hi) >= want - len(taken) - 1:
-            taken.add(i)
-    assert len(taken) == want, f"non-adjacent selection found {len(taken)} of {want}"
-    return sorted(taken)
-
-
-def _branch_selection(scores: Scores, metric: str, kind: str, adapter, remove: Optional[int], ratio: Optional[float],
-                      first: int, last: int, L: int, total: int, no_adjacent: bool) -> list[tuple[str, int]]:
-    """The `kind` branches ("attn"/"mlp") with the lowest `metric` scores, as (kind, block) pairs."""
-    blocks_mod = adapter.blocks()
-    branch_params = [count_params(adapter.branch(b, kind)) for b in blocks_mod]
-    order = [i for i in scores.ranking(metric) if first <= i < L - last]
-    if no_adjacent:
-        picked = _non_adjacent(order, remove, ratio, branch_params, total, first, last, L, f"{kind} branches")
-        return [(kind, i) for i in picked]
-    if remove is not None:
-        if remove > len(order):
-            raise PlanError(f"cannot remove {remove} {kind} branches: with protect=({first}, {last}) only "
-                            f"{len(order)} of {L} blocks' {kind} branches are removable; ask for fewer")
-        k = remove
-    else:
-        most = sum(branch_params[i] for i in order) / total
-        if float(ratio) > most:
-            raise PlanError(f"ratio={ratio} is more than all removable {kind} branches hold ({most:.4f} of the "
-                            f"parameters); ask for ratio <= {most:.4f}, or remove whole blocks (another metric)")
-        k = blocks_for_ratio(float(ratio), order, branch_params, total)
-    return [(kind, i) for i in sorted(order[:k])]
-
-
-def _check_ratio_reachable(ratio: float, ranking: Sequence[int], order: Sequence[int], block_params: Sequence[int],
-                           total: int, first: int, last: int, L: int) -> None:
-    """PlanError when the protection rule, not the ratio, would decide the plan: without protection the
-    ratio needs more blocks than the protected model has removable (SPEC: never a silent different drop)."""
-    need = blocks_for_ratio(ratio, ranking, block_params, total)
-    if need > len(order):
-        best = sum(block_params[i] for i in order) / total
-        raise PlanError(f"ratio={ratio} needs about {need} blocks, but with protect=({first}, {last}) only "
-                        f"{len(order)} of {L} blocks are removable: the largest ratio possible is {best:.4f}; ask for "
-                        f"ratio <= {best:.4f} or lower protect")
-
-
 def plan_from_search(result, model: nn.Module, scores: Optional[Scores] = None) -> Plan:
     """A Plan from a `shortllm.scoring.search` result: ("block", i) entries become removed blocks, ("attn", i) /
     ("mlp", i) removed branches (a block that loses both branches is removed whole)."""
@@ -442,28 +329,6 @@ def plan_from_search(result, model: nn.Module, scores: Optional[Scores] = None) 
     plan.metric = f"ppl-{getattr(result, 'method', 'search')}"
     plan.mode = "search"
     return plan
-
-
-def _span(scores: Scores, n: Optional[int], ratio: Optional[float], first: int, last: int, L: int,
-          block_params: Sequence[int], total: int) -> list[int]:
-    if "angular" not in scores.values or scores.values["angular"].dim() != 2:
-        raise PlanError("span=True needs the angular distance matrix; score with metrics including 'angular'")
-    ang = scores.values["angular"]
-    n_max = ang.shape[0]
-    if n is None:
-        # spans of n blocks: blocks are uniform in every supported architecture, so use the mean block size
-        per = sum(block_params) / L
-        n = max(1, min(L - 1, round(float(ratio) * total / per)))
-    if n > n_max:
-        raise PlanError(f"a span of {n} blocks is longer than the scored n_max={n_max}; re-score with "
-                        f"n_max >= {n} or ask for a shorter span")
-    starts = list(range(first, L - last - n + 1))
-    if not starts:
-        raise PlanError(f"no span of {n} blocks fits between the protected first {first} and last {last} of "
-                        f"{L} blocks; ask for a shorter span or lower protect")
-    row = ang[n - 1]
-    best = min(starts, key=lambda s: (float("inf") if row[s].isnan() else float(row[s]), s))
-    return list(range(best, best + n))
 
 
 def _scores_provenance(scores: Optional[Scores]) -> dict:
