@@ -249,10 +249,11 @@ def findings(cells: dict, n_layers: int) -> list[str]:
         best_ppl = min(none, key=lambda c: none[c]["ppl_wikitext2"])
         best_zs = max(none, key=lambda c: none[c]["zeroshot"]["mean"])
         zs = ", ".join(f"{LABEL[c]} {100 * none[c]['zeroshot']['mean']:.1f}" for c in none)
-        out.append(f"(a) {int(r * 100)}%, no recovery: lowest WikiText-2 PPL {LABEL[best_ppl]} "
-                   f"({none[best_ppl]['ppl_wikitext2']:.1f}; PPL criterion "
-                   + (f"{none['ppl']['ppl_wikitext2']:.1f}" if "ppl" in none else "not run")
-                   + f"); best 7-task mean {LABEL[best_zs]} ({zs}).")
+        other = ("" if best_ppl == "ppl" else "; PPL criterion "
+                 + (f"{none['ppl']['ppl_wikitext2']:.1f}" if "ppl" in none else "not run"))
+        name = "the PPL criterion" if best_ppl == "ppl" else LABEL[best_ppl]
+        out.append(f"(a) {int(r * 100)}%, no recovery: lowest WikiText-2 PPL: {name} "
+                   f"({none[best_ppl]['ppl_wikitext2']:.1f}{other}); best 7-task mean: {LABEL[best_zs]} ({zs}).")
     deep = {}
     for c in crits:
         removed = [i for r in ratios if get(c, r, "none") for i in get(c, r, "none")["removed"]]
