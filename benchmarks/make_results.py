@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["score", "cosine_span", "ops", "ppl", "speed", "eval", "reproduce", "retrain", "distributed",
+ORDER = ["score", "cosine_span", "ops", "ppl", "speed", "eval", "reproduce", "reproduce_full", "retrain", "distributed",
          "offload_smollm", "offload", "coverage", "gpu_cpu_mode", "gpu", "heal"]
 ORDER += ["recovery_smollm2-135m", "recovery_gemma3-270m"]
 ORDER += ["criteria_smollm2-135m", "criteria_gemma3-270m"]
