@@ -350,3 +350,22 @@ def test_layer_types_derivation_and_precedence(tmp_path):
         assert back.layer_types == kept and back.num_hidden_layers == 3, (
             f"{cfg.model_type}: a saved layer_types did not survive reload; shortllm.pruning.removal writes the "
             "kept blocks' types there")
+
+
+def test_derived_layer_lists_never_reads_transformers_own_properties(monkeypatch):
+    """Pruning looks for per-layer lists that configs compute as properties (Jamba's layers_block_type); it skips
+    PretrainedConfig's own properties, whose deprecated aliases (torch_dtype, use_return_dict) log a warning the
+    user did not cause. Fails if transformers moves those aliases or pruning starts reading them."""
+    from transformers.configuration_utils import logger
+
+    from shortllm.model.layer_config import derived_layer_lists
+
+    said: list[str] = []
+    monkeypatch.setattr(logger, "warning_once", lambda msg, *a, **k: said.append(str(msg)))
+    monkeypatch.setattr(logger, "warning", lambda msg, *a, **k: said.append(str(msg)))
+    llama = transformers.LlamaConfig(num_hidden_layers=4)
+    assert derived_layer_lists(llama, 4) == {} and said == [], said
+    llama.torch_dtype  # the alias still warns: otherwise this test checks nothing  # noqa: B018
+    assert any("deprecated" in s for s in said), said
+    jamba = transformers.JambaConfig(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1)
+    assert derived_layer_lists(jamba, 4)["layers_block_type"] == ["mamba", "attention", "mamba", "attention"]
