@@ -345,6 +345,7 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
     corpus_runs = [f"{c}/s0" for c in CORPORA]
     seed_runs = [f"wikitext2/s{s}" for s in SEEDS]
     r20 = min(knobs.ratios)
+    share20 = share_of_all_params(model, r20, knobs.ratio_of)
     stability = {}
     for crit in CRITERIA:
         row = {}
@@ -356,8 +357,7 @@ def run(model_name: str, knobs: Knobs, out_dir: Path, data_dir: Optional[str], l
                 row[f"tau_{label}_min"] = min(taus)
             if crit == "sleb" and not knobs.stab_sleb:
                 continue
-            share = share_of_all_params(model, r20, knobs.ratio_of)
-            ps = [plan_for(model, runs[n][0], crit, share, runs[n][1])[0] for n in names]
+            ps = [plan_for(model, runs[n][0], crit, share20, runs[n][1])[0] for n in names]
             if all(p is not None for p in ps):
                 js = [jaccard(_units(a), _units(b)) for a, b in itertools.combinations(ps, 2)]
                 row[f"jaccard20_{label}_mean"] = sum(js) / len(js)

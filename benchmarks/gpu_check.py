@@ -861,21 +861,12 @@ def _max_rel(a, b) -> float:
     return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max()) if a.numel() else 0.0
 
 
-def section_retrain_fsdp(ctx) -> dict:
-    """`accelerate launch --config_file docs/accelerate/fsdp.yaml` against one plain process, per method: the
-    same loss curve and final weights. One GPU allows one FSDP rank (NCCL refuses two ranks on one device);
-    that still runs FSDP2's per-block wrapping, the loss hook reading the head weight FSDP gathered, and the
-    full-state gather for the export. Without CUDA the same harness runs accelerate's one-CPU launch
-    (accelerate enables FSDP only on accelerators; tests/test_retrain_fsdp.py checks that refusal)."""
-    import tempfile
-
+def _fsdp_compare(checks: Checks, tmp: Path, gpu: bool) -> None:
     from safetensors.torch import load_file
 
     tm = _tiny()
     import retrain_helpers  # tests/, on the path after _tiny()
 
-    checks = ctx["checks"] = Checks()
-    tmp = Path(tempfile.mkdtemp(prefix="shortllm_fsdp_"))
     src, teacher, corpus = tmp / "student", tmp / "teacher", tmp / "corpus.txt"
     for path, seed in ((src, 0), (teacher, 1)):
         tm.make_tiny("llama", seed=seed).save_pretrained(str(path))
@@ -883,7 +874,7 @@ def section_retrain_fsdp(ctx) -> dict:
     corpus.write_text(retrain_helpers.toy_corpus(200))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     accel = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
-    if ctx["gpu"]:
+    if gpu:
         launcher, want = accel + ["--config_file", str(REPO / "docs" / "accelerate" / "fsdp.yaml"),
                                   "--main_process_port", "29531"], "FSDP"
         device = ["--device", "cuda"]
@@ -917,9 +908,19 @@ def section_retrain_fsdp(ctx) -> dict:
             return detail
 
         checks.run(f"retrain {method}: launched ({want}) == one process", compare)
-    import shutil
 
-    shutil.rmtree(tmp, ignore_errors=True)
+
+def section_retrain_fsdp(ctx) -> dict:
+    """`accelerate launch --config_file docs/accelerate/fsdp.yaml` against one plain process, per method: the
+    same loss curve and final weights. One GPU allows one FSDP rank (NCCL refuses two ranks on one device);
+    that still runs FSDP2's per-block wrapping, the loss hook reading the head weight FSDP gathered, and the
+    full-state gather for the export. Without CUDA the same harness runs accelerate's one-CPU launch
+    (accelerate enables FSDP only on accelerators; tests/test_retrain_fsdp.py checks that refusal)."""
+    import tempfile
+
+    checks = ctx["checks"] = Checks()
+    with tempfile.TemporaryDirectory(prefix="shortllm_fsdp_") as d:  # removed even when the alarm stops us
+        _fsdp_compare(checks, Path(d), ctx["gpu"])
     return checks.result()
 
 

@@ -89,25 +89,18 @@ def _items(cfg):
     return [(k, v) for k, v in d.items() if not k.startswith("_")]
 
 
-def _base_config_class() -> type:
-    try:
-        from transformers import PretrainedConfig
-    except ImportError:  # a config object from elsewhere: every property is its own
-        return object
-    return PretrainedConfig
-
-
 def derived_layer_lists(cfg, L: int) -> dict[str, list]:
     """Per-layer lists a config COMPUTES instead of storing (properties, e.g. Jamba's `layers_block_type` from
     attn_layer_period/offset): nothing in the saved config.json holds them, so a depth change must leave each of
     them equal to its kept entries, or the reloaded model builds other blocks. name -> current value."""
+    from transformers import PretrainedConfig
+
     stored = set(cfg.to_dict()) if hasattr(cfg, "to_dict") else set()
-    base = _base_config_class()
     out = {}
     for name in dir(type(cfg)):
         if name.startswith("_") or name in stored or not isinstance(getattr(type(cfg), name, None), property):
             continue
-        if getattr(type(cfg), name) is getattr(base, name, None):
+        if getattr(type(cfg), name) is getattr(PretrainedConfig, name, None):
             # transformers' own (torch_dtype, use_return_dict, ...): never per-layer, and reading the deprecated
             # aliases logs a deprecation warning the user did not cause
             continue
